@@ -1,0 +1,84 @@
+"""Atomic, safe checkpoint files: safetensors for weights, torch.save for training state.
+
+Every write goes to a temporary file in the same folder and is renamed into place, so a run
+killed mid-write leaves the previous checkpoint intact. Training state is loaded with
+`weights_only=True`: no pickled code runs on load.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+
+def atomic_write(path: Path, write: Callable[[Path], None]) -> None:
+    """Call `write(temporary_path)` and rename the result to `path` in one step."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(handle)
+    try:
+        write(Path(temporary))
+        os.replace(temporary, path)
+    finally:
+        if os.path.exists(temporary):
+            os.remove(temporary)
+
+
+def write_json(path: Path, payload: Any) -> None:
+    """Write `payload` as indented JSON, atomically."""
+    atomic_write(path, lambda temporary: temporary.write_text(json.dumps(payload, indent=2) + "\n"))
+
+
+def save_weights(model: nn.Module, path: Path) -> None:
+    """Save `model`'s state dict as safetensors (shared tensors are stored once)."""
+    state = {name: tensor.detach().contiguous().cpu() for name, tensor in _unshare(model.state_dict()).items()}
+    atomic_write(path, lambda temporary: save_file(state, str(temporary)))
+
+
+def load_weights(model: nn.Module, path: Path) -> nn.Module:
+    """Load safetensors weights saved by `save_weights` into `model` (strict)."""
+    state = load_file(str(path))
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    tied = {name for name in missing if _is_tied(model, name)}
+    if set(missing) - tied or unexpected:
+        raise RuntimeError(f"weights in {path} do not fit the model: missing {sorted(set(missing) - tied)}, unexpected {unexpected}")
+    return model
+
+
+def save_state(state: dict[str, Any], path: Path) -> None:
+    """Save training state (optimizer, scheduler, RNG, counters) atomically with torch.save."""
+    atomic_write(path, lambda temporary: torch.save(state, temporary))
+
+
+def load_state(path: Path) -> dict[str, Any]:
+    """Load training state saved by `save_state`; only tensors and plain containers are allowed."""
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def _unshare(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Drop later names of tensors that share storage (tied weights); safetensors refuses them."""
+    seen: set[tuple[str, int]] = set()
+    kept = {}
+    for name, tensor in state.items():
+        key = (tensor.device.type, tensor.data_ptr()) if tensor.numel() else ("empty", id(tensor))
+        if key in seen:
+            continue
+        seen.add(key)
+        kept[name] = tensor
+    return kept
+
+
+def _is_tied(model: nn.Module, name: str) -> bool:
+    """True when parameter `name` shares storage with another parameter of `model`."""
+    tensors = model.state_dict(keep_vars=True)
+    target = tensors.get(name)
+    return target is not None and any(
+        other is not target and other.data_ptr() == target.data_ptr() for other_name, other in tensors.items() if other_name != name
+    )

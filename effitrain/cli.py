@@ -1,0 +1,187 @@
+"""The `effitrain` command: run, resume, ls, show.
+
+`run` hands its arguments to Hydra untouched (after moving -m/--multirun to the front, where
+Hydra's argparse wants it). Before Hydra creates any run folder, the composed config of every
+job is checked, so bad input stops with one line and exit code 2 and leaves nothing behind.
+`--help`, `ls` and `show` never import torch.
+"""
+
+from __future__ import annotations
+
+import inspect
+import sys
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+import typer
+
+from effitrain.errors import ConfigError, EffitrainError
+
+app = typer.Typer(
+    help="Config-driven experiment runner for efficient deep-learning training.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+
+_PASS_THROUGH = {"-h", "--help", "--hydra-help", "-c", "--cfg", "-i", "--info", "-p", "--package", "-sc",
+                 "--shell-completion", "-cp", "--config-path", "-cn", "--config-name", "-cd", "--config-dir",
+                 "--experimental-rerun", "--resolve", "--version"}
+_MULTIRUN = {"-m", "--multirun"}
+_FORWARD = {"allow_extra_args": True, "ignore_unknown_options": True, "help_option_names": []}
+
+
+def _fail(message: str) -> None:
+    typer.echo(f"error: {message}", err=True)
+    raise typer.Exit(2)
+
+
+def _guard(action: Callable[[], Any]) -> Any:
+    """Run `action`, turning project errors into one line on stderr and exit code 2."""
+    try:
+        return action()
+    except EffitrainError as error:
+        _fail(str(error))
+
+
+def _check_call(node: Any, where: str) -> None:
+    """Check that a `_target_` config's arguments fit the target's signature, without calling it."""
+    from hydra.utils import get_method
+    from omegaconf import OmegaConf
+
+    target = node.get("_target_")
+    try:
+        function = get_method(target)
+    except Exception:
+        raise ConfigError(f"{where}._target_ = {target!r}: cannot import it") from None
+    arguments = {key: value for key, value in OmegaConf.to_container(node, resolve=True).items() if not key.startswith("_")}
+    try:
+        signature = inspect.signature(function)
+    except (TypeError, ValueError):
+        return
+    try:
+        (signature.bind_partial if node.get("_partial_") else signature.bind)(**arguments)
+    except TypeError as error:
+        accepted = [name for name in signature.parameters if name not in ("self", "args", "kwargs")]
+        raise ConfigError(f"{where}: {error} (allowed keys: {', '.join(accepted)})") from None
+
+
+def _check_run_dir(overrides: list[str], multirun: bool) -> None:
+    key = "hydra.sweep.dir=" if multirun else "hydra.run.dir="
+    for override in overrides:
+        if override.startswith(key):
+            folder = Path(override[len(key):].strip("'\""))
+            if folder.is_dir() and any(folder.iterdir()):
+                raise ConfigError(
+                    f"{key[:-1]} = '{folder}' already holds files; effitrain never overwrites a run "
+                    "(allowed: a new or empty folder; to continue a run: effitrain resume RUN_DIR)"
+                )
+
+
+def precheck(args: list[str], resuming: bool = False) -> None:
+    """Compose and validate every job of `args` (each sweep combination) before Hydra runs.
+
+    Raises:
+        ConfigError: the first problem found.
+    """
+    from effitrain.config.compose import compose, expand_sweeps
+    from effitrain.pipeline import build_stages
+
+    multirun = any(arg in _MULTIRUN for arg in args)
+    overrides = [arg for arg in args if arg not in _MULTIRUN]
+    if not resuming:
+        _check_run_dir(overrides, multirun)
+    combinations = expand_sweeps(overrides) if multirun else iter([overrides])
+    for combination in combinations:
+        cfg = compose(combination)
+        build_stages(cfg)
+        for section in ("model", "data"):
+            _check_call(cfg[section], section)
+
+
+def launch(args: list[str], resuming: bool = False) -> None:
+    """Hand `args` to the Hydra entry point, after the pre-run check."""
+    args = [arg for arg in args if arg in _MULTIRUN] + [arg for arg in args if arg not in _MULTIRUN]
+    if not any(arg.split("=")[0] in _PASS_THROUGH for arg in args):
+        _guard(lambda: precheck(args, resuming))
+    from effitrain.app import main
+
+    sys.argv = ["effitrain", *args]
+    main()
+
+
+@app.command(context_settings=_FORWARD)
+def run(ctx: typer.Context) -> None:
+    """Run a recipe. Arguments are Hydra's: recipe=NAME, key=value overrides, -m for sweeps.
+
+    Examples: `effitrain run recipe=baseline trainer.max_epochs=3`,
+    `effitrain run -m recipe=baseline seed=1,2,3`. Hydra's own help: `effitrain run --help`.
+    """
+    launch(list(ctx.args))
+
+
+@app.command()
+def resume(run_dir: Path = typer.Argument(..., help="The run folder of the interrupted run.")) -> None:
+    """Continue an interrupted run in its own folder from its last checkpoint."""
+    import json
+
+    from omegaconf import OmegaConf
+
+    overrides_file = run_dir / ".hydra" / "overrides.yaml"
+    summary_file = run_dir / "summary.json"
+    if not overrides_file.is_file():
+        _fail(f"{run_dir}: not an effitrain run folder (no .hydra/overrides.yaml)")
+    if summary_file.is_file() and json.loads(summary_file.read_text()).get("status") == "completed":
+        _fail(f"{run_dir}: the run already completed; nothing to resume")
+    overrides = [item for item in OmegaConf.load(overrides_file) if not str(item).startswith(("resume=", "hydra.run.dir="))]
+    quoted = str(run_dir.resolve()).replace("\\", "\\\\").replace("'", "\\'")
+    launch([*map(str, overrides), f"hydra.run.dir='{quoted}'", "resume=true"], resuming=True)
+
+
+@app.command("ls")
+def list_configs() -> None:
+    """List recipes (with what each shows) and the options of every config group."""
+    from rich.console import Console
+    from rich.table import Table
+
+    from effitrain.config import CONF_DIR, DEFAULT_RECIPE, recipe_description, recipe_files
+
+    console = Console()
+    recipes = Table(title="recipes (effitrain run recipe=NAME)", title_justify="left")
+    recipes.add_column("recipe")
+    recipes.add_column("what it shows")
+    for name, path in recipe_files().items():
+        recipes.add_row(name + (" (default)" if name == DEFAULT_RECIPE else ""), recipe_description(path))
+    console.print(recipes)
+    groups = Table(title="config groups (GROUP=OPTION)", title_justify="left")
+    groups.add_column("group")
+    groups.add_column("options")
+    for folder in sorted(path for path in CONF_DIR.iterdir() if path.is_dir() and path.name != "hydra"):
+        groups.add_row(folder.name, ", ".join(sorted(file.stem for file in folder.glob("*.yaml"))))
+    console.print(groups)
+
+
+@app.command(context_settings=_FORWARD)
+def show(ctx: typer.Context) -> None:
+    """Print the composed config as YAML, without running: `effitrain show recipe=baseline precision=bf16`."""
+    from omegaconf import OmegaConf
+
+    from effitrain.config.compose import compose
+    from effitrain.config.schema import validate
+
+    def compose_and_check() -> Any:
+        cfg = compose(list(ctx.args))
+        validate(cfg)
+        return cfg
+
+    cfg = _guard(compose_and_check)
+    typer.echo(OmegaConf.to_yaml(cfg, resolve=True), nl=False)
+
+
+def main(argv: Optional[list[str]] = None) -> None:
+    """Console-script entry point."""
+    app(args=argv)
+
+
+if __name__ == "__main__":
+    main()

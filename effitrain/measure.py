@@ -1,0 +1,118 @@
+"""The ledger row: what a model scores and costs after each stage.
+
+accuracy/loss on a split, parameter counts, sparsity of prunable layers, bytes on disk, and
+forward latency (median of timed passes after warm-up, fixed batch and threads).
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from pathlib import Path
+from typing import Any, Iterable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from effitrain.batch import batch_size, forward, move
+from effitrain.precision import PrecisionPolicy
+
+PRUNABLE = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, loader: Iterable, precision: PrecisionPolicy) -> dict[str, float]:
+    """Mean cross-entropy and accuracy of `model` over `loader`, in eval mode.
+
+    Returns:
+        {"loss": mean loss per example, "accuracy": fraction correct in [0, 1]}.
+    """
+    was_training = model.training
+    model.eval()
+    total_loss, correct, count = 0.0, 0, 0
+    for inputs, labels in loader:
+        inputs, labels = move(inputs, precision.device), move(labels, precision.device)
+        with precision.autocast():
+            logits = forward(model, inputs)
+        total_loss += F.cross_entropy(logits.float(), labels, reduction="sum").item()
+        correct += (logits.argmax(dim=-1) == labels).sum().item()
+        count += len(labels)
+    model.train(was_training)
+    return {"loss": total_loss / max(count, 1), "accuracy": correct / max(count, 1)}
+
+
+def count_parameters(model: nn.Module) -> tuple[int, int]:
+    """Return (parameters, non-zero parameters), counting tied parameters once."""
+    params = list(model.parameters())
+    return sum(p.numel() for p in params), sum(int(torch.count_nonzero(p)) for p in params)
+
+
+def sparsity(model: nn.Module) -> float:
+    """Fraction of exactly-zero weights in the prunable layers (Linear and Conv weights)."""
+    total, zeros = 0, 0
+    for module in model.modules():
+        weight = getattr(module, "weight", None)
+        if isinstance(module, PRUNABLE) and isinstance(weight, torch.Tensor):
+            total += weight.numel()
+            zeros += int((weight == 0).sum())
+    return zeros / total if total else 0.0
+
+
+@torch.no_grad()
+def latency_ms(model: nn.Module, inputs: Any, precision: PrecisionPolicy, warmup: int, repeats: int, threads: int | None) -> float:
+    """Median wall time in milliseconds of `repeats` forward passes on `inputs`, after `warmup`.
+
+    CPU passes run with `threads` torch threads (restored afterwards); CUDA passes are synchronised.
+    """
+    was_training = model.training
+    model.eval()
+    inputs = move(inputs, precision.device)
+    previous_threads = torch.get_num_threads()
+    if threads is not None:
+        torch.set_num_threads(threads)
+    sync = torch.cuda.synchronize if precision.device.type == "cuda" else (lambda: None)
+    timings = []
+    try:
+        with precision.autocast():
+            for index in range(warmup + repeats):
+                sync()
+                start = time.perf_counter()
+                forward(model, inputs)
+                sync()
+                if index >= warmup:
+                    timings.append((time.perf_counter() - start) * 1000.0)
+    finally:
+        torch.set_num_threads(previous_threads)
+        model.train(was_training)
+    return statistics.median(timings)
+
+
+def measure(
+    model: nn.Module,
+    test_loader: Iterable,
+    example_inputs: Any,
+    precision: PrecisionPolicy,
+    model_file: Path,
+    *,
+    warmup: int,
+    repeats: int,
+    threads: int | None,
+) -> dict[str, Any]:
+    """Measure one ledger row for `model`, whose saved file is `model_file`.
+
+    Returns:
+        accuracy, loss, params, nonzero_params, sparsity, size_bytes, latency_ms, latency_batch.
+    """
+    scores = evaluate(model, test_loader, precision)
+    params, nonzero = count_parameters(model)
+    return {
+        "accuracy": scores["accuracy"],
+        "loss": scores["loss"],
+        "params": params,
+        "nonzero_params": nonzero,
+        "sparsity": sparsity(model),
+        "size_bytes": model_file.stat().st_size,
+        "latency_ms": latency_ms(model, example_inputs, precision, warmup, repeats, threads),
+        "latency_batch": batch_size(example_inputs),
+    }

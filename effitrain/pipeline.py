@@ -1,0 +1,120 @@
+"""One run: build device, precision, data and model, walk the model through the recipe's stages,
+measure it after each, and keep the ledger (summary.json) and checkpoints in the run folder."""
+
+from __future__ import annotations
+
+import logging
+import random
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from hydra.utils import instantiate
+from omegaconf import DictConfig
+
+from effitrain.config.schema import validate
+from effitrain.errors import ConfigError, EffitrainError
+from effitrain.measure import measure
+from effitrain.precision import build_precision, resolve_device
+from effitrain.report import Ledger, ledger_table, render_text
+from effitrain.runlog import RunLogger
+from effitrain.stages.base import Context, Stage, build_model, build_stage
+
+log = logging.getLogger("effitrain")
+
+
+def seed_everything(seed: int) -> None:
+    """Seed python, numpy and torch (all devices)."""
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def build_stages(cfg: DictConfig) -> dict[str, Stage]:
+    """Validate the whole config and build every stage, before any work starts.
+
+    Raises:
+        ConfigError: the first problem found, as one line.
+    """
+    validate(cfg)
+    stages = {}
+    for name, stage_cfg in cfg.stage.items():
+        stage = build_stage(str(name), stage_cfg)
+        stage.check(cfg, str(name))
+        stages[str(name)] = stage
+    return stages
+
+
+def build_data(cfg: DictConfig) -> Any:
+    """Instantiate the `data` config into a DataBundle, with one-line errors."""
+    try:
+        return instantiate(cfg.data, _convert_="all")
+    except EffitrainError:
+        raise
+    except Exception as error:  # instantiate wraps what the builder raises
+        cause = error.__cause__ or error
+        if isinstance(cause, EffitrainError):
+            raise cause from None
+        raise ConfigError(f"data: cannot build {cfg.data.get('_target_')!r} ({str(cause).splitlines()[0]})") from None
+
+
+def run(cfg: DictConfig, run_dir: Path, recipe: str) -> float:
+    """Run the recipe's stages in order inside `run_dir`.
+
+    Args:
+        cfg: the composed config.
+        run_dir: the run folder (Hydra's output dir).
+        recipe: the recipe's name, for the ledger.
+
+    Returns:
+        The last stage's test accuracy (the objective for sweepers).
+
+    Raises:
+        EffitrainError: a problem the user can act on; the ledger is marked failed first.
+    """
+    stages = build_stages(cfg)
+    seed_everything(cfg.seed)
+    device = resolve_device(cfg.device)
+    precision = build_precision(cfg.precision.policy, device, cfg.precision.init_scale, cfg.precision.growth_interval)
+    log.info("effitrain: recipe %s on %s, precision %s (%s)", recipe, device, precision.used, precision.why)
+    header = {"recipe": recipe, "device": str(device), "precision": precision.as_dict(), "seed": cfg.seed}
+    ledger = Ledger.resume(run_dir / "summary.json", header) if cfg.resume else Ledger(run_dir / "summary.json", header)
+    ledger.write()
+    logger = RunLogger(run_dir)
+    try:
+        data = build_data(cfg)
+        ctx = Context(cfg=cfg, precision=precision, data=data, run_dir=run_dir, logger=logger, resume=bool(cfg.resume))
+        model = build_model(cfg.model).to(device)
+        example = data.example_batch(cfg.measure.batch_size)
+        for index, (name, stage) in enumerate(stages.items()):
+            model_file = run_dir / "checkpoints" / f"{index:02d}_{name}.safetensors"
+            model = stage.prepare(model, ctx)
+            if name in ledger.completed:
+                model = stage.load_model(model, model_file)
+                log.info("[%s] already completed; loaded %s", name, model_file.name)
+            else:
+                ctx.extra = {}
+                started = time.perf_counter()
+                model = stage.run(name, model, ctx)
+                seconds = time.perf_counter() - started
+                stage.save_model(model, model_file)
+                metrics = measure(
+                    model, data.test, example, precision, model_file,
+                    warmup=cfg.measure.warmup, repeats=cfg.measure.repeats, threads=cfg.measure.threads,
+                )
+                ledger.add(name, stage.kind, {**metrics, "seconds": seconds, **ctx.extra})
+                log.info("[%s] test accuracy %.4f, %d params, %.3f ms/batch", name, metrics["accuracy"], metrics["params"], metrics["latency_ms"])
+            ctx.models[name] = model
+    except EffitrainError as error:
+        ledger.finish("failed", str(error))
+        raise
+    except BaseException as error:
+        ledger.finish("failed", f"{type(error).__name__}: {error}")
+        raise
+    finally:
+        logger.close()
+    ledger.finish("completed")
+    log.info("\n%s", render_text(ledger_table(ledger.data)).rstrip())
+    return float(ledger.data["stages"][-1]["metrics"]["accuracy"])

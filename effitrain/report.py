@@ -1,0 +1,99 @@
+"""The run's ledger: summary.json (rewritten after every stage) and the table shown at the end."""
+
+from __future__ import annotations
+
+import io
+import json
+from pathlib import Path
+from typing import Any
+
+from effitrain.checkpoint import write_json
+
+
+class Ledger:
+    """summary.json of one run: recipe, status, device, precision and one row per stage.
+
+    Args:
+        path: the summary.json file.
+        header: recipe, device and precision ({"requested", "used", "why"}).
+    """
+
+    def __init__(self, path: Path, header: dict[str, Any]) -> None:
+        self.path = path
+        self.data: dict[str, Any] = {**header, "status": "running", "stages": []}
+
+    @classmethod
+    def resume(cls, path: Path, header: dict[str, Any]) -> "Ledger":
+        """Reopen an interrupted run's ledger, keeping its completed rows."""
+        ledger = cls(path, header)
+        if path.exists():
+            ledger.data["stages"] = json.loads(path.read_text()).get("stages", [])
+        ledger.write()
+        return ledger
+
+    @property
+    def completed(self) -> set[str]:
+        return {row["name"] for row in self.data["stages"]}
+
+    def add(self, name: str, kind: str, metrics: dict[str, Any]) -> None:
+        """Append a stage's row and rewrite summary.json, so a crash leaves an honest partial record."""
+        self.data["stages"].append({"name": name, "kind": kind, "metrics": metrics})
+        self.write()
+
+    def finish(self, status: str, error: str | None = None) -> None:
+        """Set the final status (completed or failed), with the error line if failed."""
+        self.data["status"] = status
+        if error is not None:
+            self.data["error"] = error
+        self.write()
+
+    def write(self) -> None:
+        write_json(self.path, self.data)
+
+
+def _kilobytes(value: int) -> str:
+    return f"{value / 1024:,.1f}"
+
+
+COLUMNS = [  # (header, metrics key, format)
+    ("accuracy", "accuracy", lambda v: f"{v:.4f}"),
+    ("params", "params", lambda v: f"{v:,}"),
+    ("nonzero", "nonzero_params", lambda v: f"{v:,}"),
+    ("sparsity", "sparsity", lambda v: f"{v:.3f}"),
+    ("size KiB", "size_bytes", _kilobytes),
+    ("latency ms", "latency_ms", lambda v: f"{v:.3f}"),
+    ("seconds", "seconds", lambda v: f"{v:.1f}"),
+]
+
+
+def ledger_table(summary: dict[str, Any]) -> Any:
+    """A Rich table of the ledger, with size and speed relative to the first row."""
+    from rich.table import Table
+
+    precision = summary["precision"]
+    table = Table(title=f"{summary['recipe']} on {summary['device']} ({precision['used']}) — {summary['status']}")
+    table.add_column("stage")
+    table.add_column("kind")
+    for header, _, _ in COLUMNS:
+        table.add_column(header, justify="right")
+    table.add_column("smaller x", justify="right")
+    table.add_column("faster x", justify="right")
+    rows = summary["stages"]
+    first = rows[0]["metrics"] if rows else {}
+    for row in rows:
+        metrics = row["metrics"]
+        cells = [fmt(metrics[key]) if metrics.get(key) is not None else "-" for _, key, fmt in COLUMNS]
+        smaller = first.get("size_bytes", 0) / metrics["size_bytes"] if metrics.get("size_bytes") else None
+        faster = first.get("latency_ms", 0) / metrics["latency_ms"] if metrics.get("latency_ms") else None
+        cells += [f"{smaller:.2f}" if smaller else "-", f"{faster:.2f}" if faster else "-"]
+        table.add_row(row["name"], row["kind"], *cells)
+    return table
+
+
+def render_text(renderable: Any, width: int = 140) -> str:
+    """Render a Rich object to plain text (for run.log and non-terminal output)."""
+    from rich.console import Console
+
+    console = Console(width=width, record=True, file=io.StringIO(), color_system=None)
+    console.print(renderable)
+    return console.export_text()
