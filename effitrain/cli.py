@@ -46,13 +46,14 @@ def _guard(action: Callable[[], Any]) -> Any:
 
 def _check_call(node: Any, where: str) -> None:
     """Check that a `_target_` config's arguments fit the target's signature, without calling it."""
-    from hydra.utils import get_method
     from omegaconf import OmegaConf
+
+    from effitrain.config import locate
 
     target = node.get("_target_")
     try:
-        function = get_method(target)
-    except Exception:
+        function = locate(target)
+    except ImportError:
         raise ConfigError(f"{where}._target_ = {target!r}: cannot import it") from None
     arguments = {key: value for key, value in OmegaConf.to_container(node, resolve=True).items() if not key.startswith("_")}
     try:
@@ -85,7 +86,7 @@ def precheck(args: list[str], resuming: bool = False) -> None:
         ConfigError: the first problem found.
     """
     from effitrain.config.compose import compose, expand_sweeps
-    from effitrain.pipeline import build_stages
+    from effitrain.pipeline import check
 
     multirun = any(arg in _MULTIRUN for arg in args)
     overrides = [arg for arg in args if arg not in _MULTIRUN]
@@ -94,9 +95,8 @@ def precheck(args: list[str], resuming: bool = False) -> None:
     combinations = expand_sweeps(overrides) if multirun else iter([overrides])
     for combination in combinations:
         cfg = compose(combination)
-        build_stages(cfg)
-        for section in ("model", "data"):
-            _check_call(cfg[section], section)
+        _check_call(cfg.data, "data")
+        check(cfg)
 
 
 def launch(args: list[str], resuming: bool = False) -> None:

@@ -47,6 +47,18 @@ def build_stages(cfg: DictConfig) -> dict[str, Stage]:
     return stages
 
 
+def check(cfg: DictConfig) -> None:
+    """Everything that can be checked before a run folder exists: config, stages, device,
+    precision and the model (built once on the CPU and dropped). Data is checked when loaded.
+
+    Raises:
+        ConfigError: the first problem found, as one line.
+    """
+    build_stages(cfg)
+    build_precision(cfg.precision.policy, resolve_device(cfg.device))
+    build_model(cfg.model)
+
+
 def build_data(cfg: DictConfig) -> Any:
     """Instantiate the `data` config into a DataBundle, with one-line errors."""
     try:

@@ -50,3 +50,30 @@ def register_recipes() -> None:
     store = ConfigStore.instance()
     for name, path in recipe_files().items():
         store.store(group="recipe", name=name, node=OmegaConf.load(path), package="_global_")
+
+
+def locate(path: str) -> object:
+    """Import the object at dotted `path` (`package.module.Name`) quietly.
+
+    Hydra's own `get_class`/`get_method` log an error before raising; the CLI wants one line.
+
+    Raises:
+        ImportError: nothing importable at `path`.
+    """
+    import importlib
+
+    if not isinstance(path, str) or "." not in path:
+        raise ImportError(f"{path!r} is not a dotted path")
+    parts = path.split(".")
+    for split in range(len(parts) - 1, 0, -1):
+        try:
+            found: object = importlib.import_module(".".join(parts[:split]))
+        except ImportError:
+            continue
+        try:
+            for attribute in parts[split:]:
+                found = getattr(found, attribute)
+        except AttributeError:
+            break
+        return found
+    raise ImportError(f"cannot import {path!r}")

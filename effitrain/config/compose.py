@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import itertools
 import os
+import re
 from pathlib import Path
 from typing import Iterator
 
@@ -78,7 +79,11 @@ def explain(error: BaseException, overrides: list[str]) -> str:
         return f"{option}: no such config (allowed: {options})"
     if isinstance(error, OmegaConfBaseException) and error.full_key:
         return f"{error.full_key}: {(error.msg or str(error)).splitlines()[0]}"
-    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    text = f"{error}\n{error.__cause__ or ''}"
+    unknown = re.search(r"Could not override '([^']+)'.*?To append to your config use (\+\S+)", text, re.S)
+    if unknown and "not in struct" in text:
+        return f"{unknown.group(1)}: no such key here (to add a new key on purpose: {unknown.group(2)})"
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
     lines = [line for line in lines if not line.startswith(("full_key:", "object_type", "reference_type", "Set the environment"))]
     cause = error.__cause__
     if cause is not None and str(cause).strip():

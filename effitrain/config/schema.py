@@ -98,6 +98,10 @@ RULES: list[Rule] = [
     ("measure.repeats", lambda v: v >= 10, "an integer >= 10 (latency is a median of at least 10 passes)"),
     ("measure.threads", lambda v: v >= 1, "an integer >= 1, or null for torch's default"),
     ("data.batch_size", lambda v: isinstance(v, int) and v >= 1, "an integer >= 1"),
+    ("data.eval_batch_size", lambda v: isinstance(v, int) and v >= 1, "an integer >= 1"),
+    ("data.val_fraction", lambda v: 0 < v < 1, "a number in (0, 1)"),
+    ("data.test_fraction", lambda v: 0 < v < 1, "a number in (0, 1)"),
+    ("data.num_workers", lambda v: isinstance(v, int) and v >= 0, "an integer >= 0"),
 ]
 
 

@@ -7,12 +7,13 @@ from pathlib import Path
 from typing import Any, ClassVar
 
 import torch
-from hydra.utils import get_class, instantiate
+from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 from torch import nn
 
 from effitrain.checkpoint import load_weights, save_weights
+from effitrain.config import locate
 from effitrain.config.schema import describe_omegaconf_error
 from effitrain.data import DataBundle
 from effitrain.errors import ConfigError
@@ -93,8 +94,8 @@ def build_stage(name: str, stage_cfg: DictConfig) -> Stage:
     """
     target = stage_cfg.get("_target_")
     try:
-        stage_class = get_class(target)
-    except Exception:  # hydra raises ImportError or ValueError with a long message
+        stage_class = locate(target)
+    except ImportError:
         raise ConfigError(f"stage.{name}._target_ = {target!r}: no such stage class") from None
     if not (isinstance(stage_class, type) and issubclass(stage_class, Stage)):
         raise ConfigError(f"stage.{name}._target_ = {target!r} is not an effitrain Stage")

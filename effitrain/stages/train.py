@@ -26,7 +26,8 @@ def stage_training_config(cfg: DictConfig, name: str, overrides: dict[str, dict]
     Raises:
         ConfigError: prefixed with `stage.<name>.` when an override is invalid.
     """
-    merged = OmegaConf.merge(cfg, {key: value for key, value in overrides.items() if value})
+    given = {section: {key: value for key, value in values.items() if value is not None} for section, values in overrides.items()}
+    merged = OmegaConf.merge(cfg, {section: values for section, values in given.items() if values})
     try:
         validate(merged)
     except ConfigError as error:
@@ -76,7 +77,8 @@ class Train(Stage):
     """Train the model on the training split, validating each epoch.
 
     Fields:
-        trainer, optimizer, scheduler: overrides of the global sections for this stage only.
+        trainer, optimizer, scheduler: overrides of the global sections for this stage only
+            (null values mean "use the global value").
         model: a model config to train from scratch instead of the model handed in (e.g. a
             control run); null continues with the incoming model.
     """
