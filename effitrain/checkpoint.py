@@ -80,5 +80,5 @@ def _is_tied(model: nn.Module, name: str) -> bool:
     tensors = model.state_dict(keep_vars=True)
     target = tensors.get(name)
     return target is not None and any(
-        other is not target and other.data_ptr() == target.data_ptr() for other_name, other in tensors.items() if other_name != name
+        other.data_ptr() == target.data_ptr() for other_name, other in tensors.items() if other_name != name
     )

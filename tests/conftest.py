@@ -1,0 +1,37 @@
+"""Shared helpers: run the real CLI in a subprocess on tiny settings."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+# Tiny, fast settings every end-to-end test starts from.
+TINY = ["recipe=baseline", "data=synthetic", "model=mlp", "model.hidden=[16]", "trainer.max_epochs=2",
+        "measure.repeats=10", "measure.warmup=1"]
+
+
+def run_cli(*args: str, cwd: Path, timeout: float = 240) -> subprocess.CompletedProcess:
+    """Run `effitrain ARGS` in `cwd` and return the finished process (text output)."""
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    return subprocess.run(
+        [sys.executable, "-m", "effitrain.cli", *args], cwd=cwd, capture_output=True, text=True, timeout=timeout, env=env
+    )
+
+
+def read_summary(run_dir: Path) -> dict:
+    return json.loads((run_dir / "summary.json").read_text())
+
+
+def run_dirs(root: Path) -> list[Path]:
+    """Run folders under root/outputs/<date>/."""
+    return sorted(path for path in (root / "outputs").glob("*/*") if path.is_dir())
+
+
+@pytest.fixture
+def workdir(tmp_path: Path) -> Path:
+    return tmp_path

@@ -1,0 +1,165 @@
+"""End-to-end: the real `effitrain` command in a subprocess, on tiny settings."""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from conftest import TINY, read_summary, run_cli, run_dirs
+
+
+def test_run_writes_the_run_folder_contract(workdir: Path) -> None:
+    result = run_cli("run", *TINY, cwd=workdir)
+    assert result.returncode == 0, result.stderr
+    (run_dir,) = run_dirs(workdir)
+    assert run_dir.name.endswith("_baseline")
+    for name in (".hydra/config.yaml", ".hydra/overrides.yaml", ".hydra/hydra.yaml", "run.log", "metrics.jsonl", "summary.json"):
+        assert (run_dir / name).is_file(), name
+    assert any((run_dir / "tb").iterdir())
+    summary = read_summary(run_dir)
+    assert summary["status"] == "completed"
+    assert summary["recipe"] == "baseline"
+    assert summary["device"] == "cpu"
+    assert summary["precision"]["requested"] == "auto" and summary["precision"]["used"] == "fp32"
+    assert "CPU" in summary["precision"]["why"]
+    assert [row["name"] for row in summary["stages"]] == ["train", "evaluate"]
+    metrics = summary["stages"][0]["metrics"]
+    assert metrics["accuracy"] > 0.5  # 4 well-separated blobs: far above chance (0.25)
+    assert metrics["params"] == metrics["nonzero_params"] == (64 * 16 + 16) + (16 * 4 + 4)
+    saved = run_dir / "checkpoints" / "00_train.safetensors"
+    assert metrics["size_bytes"] == saved.stat().st_size
+    assert metrics["latency_ms"] > 0 and metrics["seconds"] > 0
+    assert metrics["epochs"] == 2
+    lines = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert {line["epoch"] for line in lines if "epoch" in line} == {1, 2}
+    log_text = (run_dir / "run.log").read_text()
+    assert "precision fp32" in log_text and "completed" in log_text  # the ledger table is in the log
+
+
+def test_two_runs_in_the_same_second_get_two_folders(workdir: Path) -> None:
+    processes = [
+        subprocess.Popen([sys.executable, "-m", "effitrain.cli", "run", *TINY, "trainer.max_epochs=1"], cwd=workdir,
+                         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        for _ in range(2)
+    ]
+    assert [process.wait(timeout=240) for process in processes] == [0, 0]
+    folders = run_dirs(workdir)
+    assert len(folders) == 2
+    assert all(read_summary(folder)["status"] == "completed" for folder in folders)
+
+
+def test_multirun_sweep_with_flag_after_overrides(workdir: Path) -> None:
+    result = run_cli("run", *TINY, "trainer.max_epochs=1", "-m", "seed=1,2", cwd=workdir)
+    assert result.returncode == 0, result.stderr
+    (sweep,) = (workdir / "multirun").glob("*/*")
+    jobs = sorted(path for path in sweep.iterdir() if path.is_dir())
+    assert [job.name for job in jobs] == ["0", "1"]
+    assert [read_summary(job)["seed"] for job in jobs] == [1, 2]
+
+
+def test_show_composes_without_running_or_importing_torch(workdir: Path) -> None:
+    result = run_cli("show", "recipe=baseline", "precision=bf16", "optimizer.lr=0.01", cwd=workdir)
+    assert result.returncode == 0, result.stderr
+    assert "policy: bf16" in result.stdout and "lr: 0.01" in result.stdout
+    assert "num_classes: 10" in result.stdout  # interpolations resolved
+    assert not (workdir / "outputs").exists()
+    probe = "import sys; from effitrain.cli import main; main(['show']); assert 'torch' not in sys.modules, 'torch imported'"
+    assert subprocess.run([sys.executable, "-c", probe], cwd=workdir, capture_output=True).returncode == 0
+
+
+def test_ls_lists_recipes_and_groups(workdir: Path) -> None:
+    result = run_cli("ls", cwd=workdir)
+    assert result.returncode == 0
+    for word in ("baseline", "quickstart", "precision", "fp16", "synthetic", "Digits CNN"):
+        assert word in result.stdout
+
+
+def test_help_does_not_import_torch(workdir: Path) -> None:
+    probe = (
+        "import sys\nfrom effitrain.cli import main\ntry:\n    main(['--help'])\nexcept SystemExit:\n    pass\n"
+        "assert 'torch' not in sys.modules"
+    )
+    assert subprocess.run([sys.executable, "-c", probe], cwd=workdir, capture_output=True).returncode == 0
+
+
+BAD_INPUTS = [
+    ("optimizer.lr=-1", "optimizer.lr = -1 is not allowed (allowed: a number > 0)"),
+    ("trainer.max_epochs=0", "trainer.max_epochs = 0 is not allowed (allowed: an integer >= 1)"),
+    ("trainer.max_epochs=abc", "trainer.max_epochs: Value 'abc' of type 'str' could not be converted to Integer"),
+    ("trainer.foo=1", "trainer.foo: no such key here (to add a new key on purpose: +trainer.foo=1)"),
+    ("model=nope", "model=nope: no such option in group 'model' (allowed: cnn, mlp, torchvision)"),
+    ("recipe=nope", "recipe=nope: no such option in group 'recipe' (allowed: baseline, quickstart)"),
+    ("precision=fp16", "precision=fp16 needs a CUDA device, this run is on cpu"),
+    ("precision=fp8", "precision=fp8: no such option in group 'precision' (allowed: auto, bf16, fp16, fp32)"),
+    ("stage.train.trainer.max_epochs=0", "stage.train.trainer.max_epochs = 0 is not allowed"),
+    ("data.val_fraction=1.5", "data.val_fraction = 1.5 is not allowed (allowed: a number in (0, 1))"),
+    ("scheduler.name=step", "scheduler.name = 'step' is not allowed (allowed: one of cosine, linear, constant)"),
+    ("stage.train._target_=nope.Nope", "stage.train._target_ = 'nope.Nope': no such stage class"),
+    ("+model.bogus=3", "unexpected keyword argument 'bogus'"),
+    ("device=cuda:7", "device = 'cuda:7'"),
+    ("measure.repeats=3", "measure.repeats = 3 is not allowed"),
+]
+
+
+@pytest.mark.parametrize("override,message", BAD_INPUTS, ids=[case[0] for case in BAD_INPUTS])
+def test_bad_input_is_one_line_exit_2_and_no_run_folder(workdir: Path, override: str, message: str) -> None:
+    result = run_cli("run", *TINY, override, cwd=workdir)
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines() == [result.stderr.strip()], result.stderr  # one line
+    assert message in result.stderr
+    assert "Traceback" not in result.stderr + result.stdout
+    assert not (workdir / "outputs").exists()
+
+
+def test_bad_sweep_value_is_caught_before_any_job(workdir: Path) -> None:
+    result = run_cli("run", "-m", *TINY, "optimizer.lr=0.01,-1", cwd=workdir)
+    assert result.returncode == 2 and "optimizer.lr = -1" in result.stderr
+    assert not (workdir / "multirun").exists()
+
+
+def test_existing_run_dir_is_never_overwritten(workdir: Path) -> None:
+    target = workdir / "mine"
+    target.mkdir()
+    (target / "keep.txt").write_text("precious")
+    result = run_cli("run", *TINY, f"hydra.run.dir={target}", cwd=workdir)
+    assert result.returncode == 2 and "already holds files" in result.stderr
+    assert sorted(path.name for path in target.iterdir()) == ["keep.txt"]
+
+
+def test_missing_dataset_fails_with_path_and_failed_status(workdir: Path) -> None:
+    result = run_cli("run", "recipe=baseline", "data=mnist", "data.root=nowhere/mnist", "measure.repeats=10", cwd=workdir)
+    assert result.returncode == 2
+    assert "MNIST not found under 'nowhere/mnist'" in result.stderr and "Traceback" not in result.stderr
+    (run_dir,) = run_dirs(workdir)
+    summary = read_summary(run_dir)
+    assert summary["status"] == "failed" and "MNIST not found" in summary["error"]
+
+
+def test_resume_after_kill_matches_uninterrupted_run(workdir: Path) -> None:
+    settings = [*TINY, "trainer.max_epochs=30", "data.num_samples=4000", "model.hidden=[64]"]
+    assert run_cli("run", *settings, "hydra.run.dir=full", cwd=workdir).returncode == 0
+    process = subprocess.Popen([sys.executable, "-m", "effitrain.cli", "run", *settings, "hydra.run.dir=killed"],
+                               cwd=workdir, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    state = workdir / "killed" / "checkpoints" / "train" / "last_state.pt"
+    deadline = time.time() + 120
+    while not state.exists() and time.time() < deadline:
+        time.sleep(0.02)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    assert read_summary(workdir / "killed")["status"] == "running"  # killed mid-training, not finished
+    result = run_cli("resume", str(workdir / "killed"), cwd=workdir)
+    assert result.returncode == 0, result.stderr
+    assert "resumed after epoch" in result.stdout
+    full, resumed = read_summary(workdir / "full"), read_summary(workdir / "killed")
+    assert resumed["status"] == "completed"
+    for a, b in zip(full["stages"], resumed["stages"]):
+        assert a["metrics"]["accuracy"] == b["metrics"]["accuracy"]
+        assert a["metrics"]["loss"] == pytest.approx(b["metrics"]["loss"], rel=1e-6)
+    again = run_cli("resume", str(workdir / "killed"), cwd=workdir)
+    assert again.returncode == 2 and "already completed" in again.stderr

@@ -1,0 +1,123 @@
+"""The training loop: hooks, accumulation, clipping, early stopping, NaN handling, schedules."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+from effitrain.data import SeededShuffle
+from effitrain.errors import TrainingError
+from effitrain.precision import build_precision
+from effitrain.runlog import RunLogger
+from effitrain.trainer import Hook, Trainer, TrainerSettings
+from effitrain.trainer.schedule import lr_multiplier
+
+
+def _loaders(samples: int = 64, batch: int = 8) -> tuple[DataLoader, DataLoader]:
+    generator = torch.Generator().manual_seed(0)
+    inputs = torch.randn(samples, 4, generator=generator)
+    labels = (inputs[:, 0] > 0).long()
+    dataset = TensorDataset(inputs, labels)
+    return DataLoader(dataset, batch_size=batch, sampler=SeededShuffle(samples, 0)), DataLoader(dataset, batch_size=32)
+
+
+def _trainer(tmp_path: Path, lr: float = 0.1, hooks=(), **settings) -> Trainer:
+    return Trainer(
+        TrainerSettings(**{"max_epochs": 2, "progress": "off", **settings}),
+        lambda params: torch.optim.SGD(params, lr=lr),
+        build_precision("fp32", torch.device("cpu")),
+        RunLogger(tmp_path, tensorboard=False),
+        "train",
+        tmp_path / "checkpoints",
+        hooks=hooks,
+    )
+
+
+class CountingHook(Hook):
+    def __init__(self) -> None:
+        self.calls: list[str] = []
+
+    def on_fit_start(self, trainer): self.calls.append("fit_start")
+    def on_epoch_start(self, trainer): self.calls.append("epoch_start")
+    def after_backward(self, trainer): self.calls.append("backward")
+    def after_step(self, trainer): self.calls.append("step")
+    def on_epoch_end(self, trainer, metrics): self.calls.append("epoch_end")
+
+
+def test_hooks_fire_once_per_optimizer_step_with_accumulation(tmp_path: Path) -> None:
+    hook = CountingHook()
+    train, val = _loaders(samples=64, batch=8)  # 8 micro-batches per epoch
+    result = _trainer(tmp_path, hooks=[hook], grad_accum_steps=3).fit(nn.Linear(4, 2), train, val)
+    assert result.steps == 2 * math.ceil(8 / 3)  # the partial window at the epoch end still steps
+    assert hook.calls.count("step") == hook.calls.count("backward") == result.steps
+    assert hook.calls[:2] == ["fit_start", "epoch_start"] and hook.calls.count("epoch_end") == 2
+
+
+def test_hook_runs_after_each_optimizer_step(tmp_path: Path) -> None:
+    class ZeroFirstWeight(Hook):  # what a pruning mask hook does
+        def after_step(self, trainer):
+            with torch.no_grad():
+                trainer.model.weight[0, 0] = 0.0
+
+    model = nn.Linear(4, 2)
+    train, val = _loaders()
+    _trainer(tmp_path, hooks=[ZeroFirstWeight()], restore_best=False).fit(model, train, val)
+    assert model.weight[0, 0].item() == 0.0 and model.weight[1, 1].item() != 0.0
+
+
+def test_max_steps_stops_mid_epoch(tmp_path: Path) -> None:
+    train, val = _loaders()
+    assert _trainer(tmp_path, max_steps=3, max_epochs=5).fit(nn.Linear(4, 2), train, val).steps == 3
+
+
+def test_gradient_clipping_bounds_the_update(tmp_path: Path) -> None:
+    model = nn.Linear(4, 2)
+    before = model.weight.detach().clone()
+    train, val = _loaders()
+    _trainer(tmp_path, lr=1.0, max_steps=1, grad_clip_norm=1e-3, restore_best=False).fit(model, train, val)
+    change = torch.cat([(model.weight - before).flatten(), model.bias.detach().flatten() * 0]).norm()
+    assert 0 < change <= 1e-3 + 1e-7
+
+
+def test_nan_loss_in_fp32_stops_with_clear_error(tmp_path: Path) -> None:
+    class Exploding(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.linear = nn.Linear(4, 2)
+
+        def forward(self, inputs):
+            return self.linear(inputs) * float("nan")
+
+    train, val = _loaders()
+    with pytest.raises(TrainingError, match=r"loss is nan at step 1 \(epoch 1\) under fp32"):
+        _trainer(tmp_path).fit(Exploding(), train, val)
+
+
+def test_early_stopping_and_best_weights(tmp_path: Path) -> None:
+    train, val = _loaders()
+    # lr 0 never improves after epoch 1: patience 2 stops after epoch 3
+    result = _trainer(tmp_path, lr=0.0, max_epochs=10, early_stopping_patience=2, monitor="val_loss").fit(nn.Linear(4, 2), train, val)
+    assert result.stopped_early and result.epochs == 3
+
+
+def test_schedules_against_formula() -> None:
+    assert lr_multiplier(0, "cosine", 0, 100, 0.0) == pytest.approx(1.0)
+    assert lr_multiplier(50, "cosine", 0, 100, 0.0) == pytest.approx(0.5)
+    assert lr_multiplier(100, "cosine", 0, 100, 0.1) == pytest.approx(0.1)
+    assert lr_multiplier(4, "linear", 10, 110, 0.0) == pytest.approx(0.5)  # warm-up: (4+1)/10
+    assert lr_multiplier(60, "linear", 10, 110, 0.0) == pytest.approx(0.5)
+    assert lr_multiplier(500, "constant", 10, 110, 0.0) == 1.0
+
+
+def test_seeded_shuffle_depends_only_on_seed_and_epoch() -> None:
+    first, second = SeededShuffle(20, 3), SeededShuffle(20, 3)
+    second.set_epoch(1)
+    second.set_epoch(0)
+    assert list(first) == list(second)
+    first.set_epoch(1)
+    assert list(first) != list(second) and sorted(first) == list(range(20))
