@@ -186,7 +186,7 @@ class Trainer:
             with precision.autocast():
                 loss = self.loss_fn(model, inputs, labels)
             window_loss += loss.detach()
-            scaled = loss / accum
+            scaled = loss / accum if accum > 1 else loss  # no extra autograd node without accumulation
             if precision.scaler is not None:
                 precision.scaler.scale(scaled).backward()
             else:
