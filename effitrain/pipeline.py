@@ -89,7 +89,9 @@ def run(cfg: DictConfig, run_dir: Path, recipe: str) -> float:
     stages = build_stages(cfg)
     seed_everything(cfg.seed)
     device = resolve_device(cfg.device)
-    precision = build_precision(cfg.precision.policy, device, cfg.precision.init_scale, cfg.precision.growth_interval)
+    precision = build_precision(
+        cfg.precision.policy, device, cfg.precision.init_scale, cfg.precision.growth_interval, cfg.precision.max_skipped_steps
+    )
     log.info("effitrain: recipe %s on %s, precision %s (%s)", recipe, device, precision.used, precision.why)
     header = {"recipe": recipe, "device": str(device), "precision": precision.as_dict(), "seed": cfg.seed}
     ledger = Ledger.resume(run_dir / "summary.json", header) if cfg.resume else Ledger(run_dir / "summary.json", header)

@@ -31,6 +31,7 @@ class PrecisionPolicy:
         why: one sentence saying why `used` was chosen.
         device: the run device.
         scaler: the fp16 gradient scaler (None unless `used` is fp16).
+        max_skipped_steps: fp16 stops training after this many overflowing steps in a row.
     """
 
     requested: str
@@ -38,6 +39,7 @@ class PrecisionPolicy:
     why: str
     device: torch.device
     scaler: torch.amp.GradScaler | None = field(default=None, repr=False)
+    max_skipped_steps: int = 100
 
     def autocast(self) -> ContextManager:
         """Context for the forward pass and loss: autocast for fp16/bf16, nothing for fp32."""
@@ -74,7 +76,9 @@ def _choose(requested: str, device: torch.device) -> tuple[str, str]:
     return "fp32", "auto: on the CPU fp32 is fastest (bf16 autocast measured ~6x slower; fp16 has no CPU training path)"
 
 
-def build_precision(policy: str, device: torch.device, init_scale: float = 65536.0, growth_interval: int = 2000) -> PrecisionPolicy:
+def build_precision(
+    policy: str, device: torch.device, init_scale: float = 65536.0, growth_interval: int = 2000, max_skipped_steps: int = 100
+) -> PrecisionPolicy:
     """Resolve the configured `policy` on `device` into a PrecisionPolicy.
 
     Args:
@@ -82,6 +86,7 @@ def build_precision(policy: str, device: torch.device, init_scale: float = 65536
         device: the run device.
         init_scale: fp16's first loss scale.
         growth_interval: fp16 steps without overflow before the scale doubles.
+        max_skipped_steps: fp16 overflowing steps in a row before training stops.
 
     Returns:
         The policy in force, with the reason for it.
@@ -93,7 +98,7 @@ def build_precision(policy: str, device: torch.device, init_scale: float = 65536
     scaler = None
     if used == "fp16":
         scaler = torch.amp.GradScaler(device.type, init_scale=init_scale, growth_interval=growth_interval)
-    return PrecisionPolicy(requested=policy, used=used, why=why, device=device, scaler=scaler)
+    return PrecisionPolicy(requested=policy, used=used, why=why, device=device, scaler=scaler, max_skipped_steps=max_skipped_steps)
 
 
 def resolve_device(name: str) -> torch.device:

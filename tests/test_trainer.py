@@ -121,3 +121,23 @@ def test_seeded_shuffle_depends_only_on_seed_and_epoch() -> None:
     assert list(first) == list(second)
     first.set_epoch(1)
     assert list(first) != list(second) and sorted(first) == list(range(20))
+
+
+def test_fp16_stops_when_every_step_overflows(tmp_path: Path) -> None:
+    """fp16 skips overflowing steps; when it can never recover it stops instead of 'completing'."""
+    if not torch.cuda.is_available():
+        pytest.skip("fp16 training needs a CUDA device")
+
+    class Exploding(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.linear = nn.Linear(4, 2)
+
+        def forward(self, inputs):
+            return self.linear(inputs) * float("inf")
+
+    trainer = _trainer(tmp_path)
+    trainer.precision = build_precision("fp16", torch.device("cuda"), max_skipped_steps=5)
+    train, val = _loaders()
+    with pytest.raises(TrainingError, match="5 steps in a row overflowed"):
+        trainer.fit(Exploding(), train, val)

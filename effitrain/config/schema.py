@@ -21,6 +21,7 @@ class PrecisionConfig:
     policy: str = MISSING
     init_scale: float = MISSING
     growth_interval: int = MISSING
+    max_skipped_steps: int = MISSING
 
 
 @dataclass
@@ -78,6 +79,7 @@ RULES: list[Rule] = [
     ("precision.policy", lambda v: v in PRECISION_POLICIES, f"one of {', '.join(PRECISION_POLICIES)}"),
     ("precision.init_scale", lambda v: v > 0, "a number > 0"),
     ("precision.growth_interval", lambda v: v >= 1, "an integer >= 1"),
+    ("precision.max_skipped_steps", lambda v: v >= 1, "an integer >= 1"),
     ("device", lambda v: v in ("auto", "cpu", "cuda") or v.startswith("cuda:"), "auto, cpu, cuda or cuda:N"),
     ("trainer.max_epochs", lambda v: v >= 1, "an integer >= 1"),
     ("trainer.max_steps", lambda v: v >= 1, "an integer >= 1, or null for no step limit"),

@@ -105,6 +105,7 @@ class Trainer:
         self.hooks = list(hooks)
         self.epoch = 0
         self.step = 0
+        self.skipped_in_a_row = 0  # fp16 steps in a row whose loss overflowed
         self.model: nn.Module | None = None
         self.optimizer: torch.optim.Optimizer | None = None
 
@@ -196,6 +197,13 @@ class Trainer:
                 continue
             step_loss = window_loss.item() / ((index % accum) + 1)
             window_loss.zero_()
+            self.skipped_in_a_row = 0 if math.isfinite(step_loss) else self.skipped_in_a_row + 1
+            if precision.scaler is not None and self.skipped_in_a_row >= precision.max_skipped_steps:
+                raise TrainingError(
+                    f"[{self.stage}] fp16: {self.skipped_in_a_row} steps in a row overflowed (loss {step_loss}) up to step "
+                    f"{self.step + 1}; loss scaling cannot recover. The last good checkpoint is kept in {self.checkpoint_dir} "
+                    "(try a lower optimizer.lr, trainer.grad_clip_norm, or precision=bf16)"
+                )
             if not math.isfinite(step_loss) and precision.scaler is None:
                 raise TrainingError(
                     f"[{self.stage}] loss is {step_loss} at step {self.step + 1} (epoch {self.epoch + 1}) under "
