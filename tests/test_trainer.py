@@ -38,6 +38,18 @@ def _trainer(tmp_path: Path, lr: float = 0.1, hooks=(), **settings) -> Trainer:
     )
 
 
+class Exploding(nn.Module):
+    """A linear layer whose logits are multiplied by `factor` (nan or inf: a diverged model)."""
+
+    def __init__(self, factor: float) -> None:
+        super().__init__()
+        self.linear = nn.Linear(4, 2)
+        self.factor = factor
+
+    def forward(self, inputs):
+        return self.linear(inputs) * self.factor
+
+
 class CountingHook(Hook):
     def __init__(self) -> None:
         self.calls: list[str] = []
@@ -85,17 +97,9 @@ def test_gradient_clipping_bounds_the_update(tmp_path: Path) -> None:
 
 
 def test_nan_loss_in_fp32_stops_with_clear_error(tmp_path: Path) -> None:
-    class Exploding(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.linear = nn.Linear(4, 2)
-
-        def forward(self, inputs):
-            return self.linear(inputs) * float("nan")
-
     train, val = _loaders()
     with pytest.raises(TrainingError, match=r"loss is nan at step 1 \(epoch 1\) under fp32"):
-        _trainer(tmp_path).fit(Exploding(), train, val)
+        _trainer(tmp_path).fit(Exploding(float("nan")), train, val)
 
 
 def test_early_stopping_and_best_weights(tmp_path: Path) -> None:
@@ -128,16 +132,8 @@ def test_fp16_stops_when_every_step_overflows(tmp_path: Path) -> None:
     if not torch.cuda.is_available():
         pytest.skip("fp16 training needs a CUDA device")
 
-    class Exploding(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.linear = nn.Linear(4, 2)
-
-        def forward(self, inputs):
-            return self.linear(inputs) * float("inf")
-
     trainer = _trainer(tmp_path)
     trainer.precision = build_precision("fp16", torch.device("cuda"), max_skipped_steps=5)
     train, val = _loaders()
     with pytest.raises(TrainingError, match="5 steps in a row overflowed"):
-        trainer.fit(Exploding(), train, val)
+        trainer.fit(Exploding(float("inf")), train, val)
