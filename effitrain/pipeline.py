@@ -17,7 +17,7 @@ from omegaconf import DictConfig
 from effitrain.config.schema import validate
 from effitrain.errors import ConfigError, EffitrainError
 from effitrain.measure import measure
-from effitrain.precision import build_precision, resolve_device
+from effitrain.precision import PrecisionPolicy, build_precision, resolve_device
 from effitrain.report import Ledger, ledger_table, render_text
 from effitrain.runlog import RunLogger
 from effitrain.stages.base import Context, Stage, build_model, build_stage
@@ -47,6 +47,14 @@ def build_stages(cfg: DictConfig) -> dict[str, Stage]:
     return stages
 
 
+def precision_from_config(cfg: DictConfig) -> PrecisionPolicy:
+    """Resolve `cfg.device` and build the `cfg.precision` policy on it (ConfigError if impossible)."""
+    settings = cfg.precision
+    return build_precision(
+        settings.policy, resolve_device(cfg.device), settings.init_scale, settings.growth_interval, settings.max_skipped_steps
+    )
+
+
 def check(cfg: DictConfig) -> None:
     """Everything that can be checked before a run folder exists: config, stages, device,
     precision and the model (built once on the CPU and dropped). Data is checked when loaded.
@@ -55,7 +63,7 @@ def check(cfg: DictConfig) -> None:
         ConfigError: the first problem found, as one line.
     """
     build_stages(cfg)
-    build_precision(cfg.precision.policy, resolve_device(cfg.device))
+    precision_from_config(cfg)
     build_model(cfg.model)
 
 
@@ -88,10 +96,8 @@ def run(cfg: DictConfig, run_dir: Path, recipe: str) -> float:
     """
     stages = build_stages(cfg)
     seed_everything(cfg.seed)
-    device = resolve_device(cfg.device)
-    precision = build_precision(
-        cfg.precision.policy, device, cfg.precision.init_scale, cfg.precision.growth_interval, cfg.precision.max_skipped_steps
-    )
+    precision = precision_from_config(cfg)
+    device = precision.device
     log.info("effitrain: recipe %s on %s, precision %s (%s)", recipe, device, precision.used, precision.why)
     header = {"recipe": recipe, "device": str(device), "precision": precision.as_dict(), "seed": cfg.seed}
     ledger = Ledger.resume(run_dir / "summary.json", header) if cfg.resume else Ledger(run_dir / "summary.json", header)
