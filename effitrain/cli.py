@@ -1,4 +1,4 @@
-"""The `effitrain` command: run, resume, ls, show.
+"""The `effitrain` command: run, resume, ls, show, churn.
 
 `run` hands its arguments to Hydra untouched (after moving -m/--multirun to the front, where
 Hydra's argparse wants it). Before Hydra creates any run folder, the composed config of every
@@ -176,6 +176,22 @@ def show(ctx: typer.Context) -> None:
 
     cfg = _guard(compose_and_check)
     typer.echo(OmegaConf.to_yaml(cfg, resolve=True), nl=False)
+
+
+@app.command()
+def churn(
+    run_a: Path = typer.Argument(..., help="A run folder."),
+    run_b: Path = typer.Argument(..., help="Another run folder, tested on the same split."),
+    stage: Optional[str] = typer.Option(None, help="The stage to compare (default: each run's last stage)."),
+) -> None:
+    """Prediction churn between two runs: the fraction of test examples they label differently."""
+    from effitrain.predictions import compare_runs
+
+    result = _guard(lambda: compare_runs(run_a, run_b, stage))
+    typer.echo(
+        f"churn {result['churn']:.4f} over {result['examples']} test examples "
+        f"({result['stage_a']} accuracy {result['accuracy_a']:.4f} in {run_a}; {result['stage_b']} accuracy {result['accuracy_b']:.4f} in {run_b})"
+    )
 
 
 def main(argv: Optional[list[str]] = None) -> None:

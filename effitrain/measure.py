@@ -22,24 +22,34 @@ PRUNABLE = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, loader: Iterable, precision: PrecisionPolicy) -> dict[str, float]:
+def evaluate(model: nn.Module, loader: Iterable, precision: PrecisionPolicy, keep_predictions: bool = False) -> dict[str, Any]:
     """Mean cross-entropy and accuracy of `model` over `loader`, in eval mode.
 
     Returns:
-        {"loss": mean loss per example, "accuracy": fraction correct in [0, 1]}.
+        {"loss": mean loss per example, "accuracy": fraction correct in [0, 1]}, plus
+        "labels" and "predictions" (lists of ints, in loader order) with `keep_predictions`.
     """
     was_training = model.training
     model.eval()
     total_loss, correct, count = 0.0, 0, 0
+    kept_labels: list[int] = []
+    kept_predictions: list[int] = []
     for inputs, labels in loader:
         inputs, labels = move(inputs, precision.device), move(labels, precision.device)
         with precision.autocast():
             logits = forward(model, inputs)
         total_loss += F.cross_entropy(logits.float(), labels, reduction="sum").item()
-        correct += (logits.argmax(dim=-1) == labels).sum().item()
+        predicted = logits.argmax(dim=-1)
+        correct += (predicted == labels).sum().item()
         count += len(labels)
+        if keep_predictions:
+            kept_labels += labels.tolist()
+            kept_predictions += predicted.tolist()
     model.train(was_training)
-    return {"loss": total_loss / max(count, 1), "accuracy": correct / max(count, 1)}
+    scores: dict[str, Any] = {"loss": total_loss / max(count, 1), "accuracy": correct / max(count, 1)}
+    if keep_predictions:
+        scores.update(labels=kept_labels, predictions=kept_predictions)
+    return scores
 
 
 def count_parameters(model: nn.Module) -> tuple[int, int]:
@@ -102,9 +112,10 @@ def measure(
     """Measure one ledger row for `model`, whose saved file is `model_file`.
 
     Returns:
-        accuracy, loss, params, nonzero_params, sparsity, size_bytes, latency_ms, latency_batch.
+        accuracy, loss, params, nonzero_params, sparsity, size_bytes, latency_ms, latency_batch;
+        and, apart from the row, "labels"/"predictions" on the test split.
     """
-    scores = evaluate(model, test_loader, precision)
+    scores = evaluate(model, test_loader, precision, keep_predictions=True)
     params, nonzero = count_parameters(model)
     return {
         "accuracy": scores["accuracy"],
@@ -115,4 +126,6 @@ def measure(
         "size_bytes": model_file.stat().st_size,
         "latency_ms": latency_ms(model, example_inputs, precision, warmup, repeats, threads),
         "latency_batch": batch_size(example_inputs),
+        "labels": scores["labels"],
+        "predictions": scores["predictions"],
     }

@@ -17,6 +17,7 @@ from omegaconf import DictConfig
 from effitrain.config.schema import validate
 from effitrain.errors import ConfigError, EffitrainError
 from effitrain.measure import measure
+from effitrain.predictions import write_predictions
 from effitrain.precision import PrecisionPolicy, build_precision, resolve_device
 from effitrain.report import Ledger, ledger_table, render_text
 from effitrain.runlog import RunLogger
@@ -110,6 +111,7 @@ def run(cfg: DictConfig, run_dir: Path, recipe: str) -> float:
         example = data.example_batch(cfg.measure.batch_size)
         for index, (name, stage) in enumerate(stages.items()):
             model_file = run_dir / "checkpoints" / f"{index:02d}_{name}.safetensors"
+            ctx.stage_name = name
             model = stage.prepare(model, ctx)
             if name in ledger.completed:
                 model = stage.load_model(model, model_file)
@@ -124,6 +126,7 @@ def run(cfg: DictConfig, run_dir: Path, recipe: str) -> float:
                     model, data.test, example, precision, model_file,
                     warmup=cfg.measure.warmup, repeats=cfg.measure.repeats, threads=cfg.measure.threads,
                 )
+                write_predictions(run_dir / "predictions" / f"{name}.json", metrics.pop("labels"), metrics.pop("predictions"))
                 ledger.add(name, stage.kind, {**metrics, "seconds": seconds, **ctx.extra})
                 log.info("[%s] test accuracy %.4f, %d params, %.3f ms/batch", name, metrics["accuracy"], metrics["params"], metrics["latency_ms"])
             ctx.models[name] = model

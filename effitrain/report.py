@@ -78,6 +78,7 @@ def ledger_table(summary: dict[str, Any]) -> Any:
         table.add_column(header, justify="right")
     table.add_column("smaller x", justify="right")
     table.add_column("faster x", justify="right")
+    table.add_column("notes", no_wrap=True)
     rows = summary["stages"]
     first = rows[0]["metrics"] if rows else {}
     for row in rows:
@@ -86,11 +87,23 @@ def ledger_table(summary: dict[str, Any]) -> Any:
         smaller = first.get("size_bytes", 0) / metrics["size_bytes"] if metrics.get("size_bytes") else None
         faster = first.get("latency_ms", 0) / metrics["latency_ms"] if metrics.get("latency_ms") else None
         cells += [f"{smaller:.2f}" if smaller else "-", f"{faster:.2f}" if faster else "-"]
-        table.add_row(row["name"], row["kind"], *cells)
+        table.add_row(row["name"], row["kind"], *cells, notes(metrics))
     return table
 
 
-def render_text(renderable: Any, width: int = 140) -> str:
+def notes(metrics: dict[str, Any]) -> str:
+    """Stage-specific figures for the table's last column (teacher accuracy, peers, churn)."""
+    parts = []
+    if metrics.get("teacher_accuracy"):
+        parts.append("teacher " + "/".join(f"{value:.3f}" for value in metrics["teacher_accuracy"]))
+    if metrics.get("peer_accuracy"):
+        parts.append("peers " + "/".join(f"{value:.3f}" for value in metrics["peer_accuracy"]))
+    if metrics.get("churn") is not None:
+        parts.append(f"churn {metrics['churn']:.3f}")
+    return ", ".join(parts)
+
+
+def render_text(renderable: Any, width: int = 160) -> str:
     """Render a Rich object to plain text (for run.log and non-terminal output)."""
     from rich.console import Console
 

@@ -9,6 +9,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler, Subset
 
+from effitrain.batch import batch_size as count_of
 from effitrain.errors import ConfigError
 
 
@@ -37,9 +38,11 @@ class DataBundle:
         while count < batch_size:
             for batch_inputs, _ in self.test:
                 inputs.append(batch_inputs)
-                count += len(batch_inputs)
+                count += count_of(batch_inputs)
                 if count >= batch_size:
                     break
+        if isinstance(inputs[0], dict):  # tokenised text
+            return {key: torch.cat([item[key] for item in inputs])[:batch_size] for key in inputs[0]}
         return torch.cat(inputs)[:batch_size]
 
 

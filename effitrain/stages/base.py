@@ -34,6 +34,7 @@ class Context:
         resume: whether this run continues a killed one.
         models: models handed back by earlier stages, by stage name (e.g. a teacher).
         extra: metrics the running stage adds to its ledger row.
+        stage_name: the name of the stage being prepared or run (for messages).
     """
 
     cfg: DictConfig
@@ -44,13 +45,20 @@ class Context:
     resume: bool = False
     models: dict[str, nn.Module] = field(default_factory=dict)
     extra: dict[str, Any] = field(default_factory=dict)
+    stage_name: str = ""
 
     @property
     def device(self) -> torch.device:
         return self.precision.device
 
-    def build_model(self, model_cfg: Any = None) -> nn.Module:
-        """Instantiate `model_cfg` (default: the config's `model`) on the run device."""
+    def build_model(self, model_cfg: Any = None, seeded: bool = False) -> nn.Module:
+        """Instantiate `model_cfg` (default: the config's `model`) on the run device.
+
+        With `seeded`, torch's RNG is reset to the run's seed first, so two stages that build
+        the same config (a control and a distilled student) start from the same weights.
+        """
+        if seeded:
+            torch.manual_seed(self.cfg.seed)
         return build_model(model_cfg if model_cfg is not None else self.cfg.model).to(self.device)
 
     def checkpoint_dir(self, stage_name: str) -> Path:
@@ -99,8 +107,9 @@ def build_stage(name: str, stage_cfg: DictConfig) -> Stage:
         raise ConfigError(f"stage.{name}._target_ = {target!r}: no such stage class") from None
     if not (isinstance(stage_class, type) and issubclass(stage_class, Stage)):
         raise ConfigError(f"stage.{name}._target_ = {target!r} is not an effitrain Stage")
-    params = OmegaConf.masked_copy(stage_cfg, [key for key in stage_cfg if key != "_target_"])
     try:
+        # resolved while still attached to the whole config, so ${data.num_classes} etc. work
+        params = {key: value for key, value in OmegaConf.to_container(stage_cfg, resolve=True).items() if key != "_target_"}
         typed = OmegaConf.merge(OmegaConf.structured(stage_class), params)
         return OmegaConf.to_object(typed)  # type: ignore[return-value]
     except OmegaConfBaseException as error:

@@ -73,32 +73,42 @@ def make_trainer(
 
 
 @dataclass
-class Train(Stage):
-    """Train the model on the training split, validating each epoch.
+class TrainingStage(Stage):
+    """Base of stages that train: per-stage overrides of the global training sections.
 
     Fields:
         trainer, optimizer, scheduler: overrides of the global sections for this stage only
             (null values mean "use the global value").
-        model: a model config to train from scratch instead of the model handed in (e.g. a
-            control run); null continues with the incoming model.
     """
 
-    kind = "train"
     trainer: Dict[str, Any] = field(default_factory=dict)
     optimizer: Dict[str, Any] = field(default_factory=dict)
     scheduler: Dict[str, Any] = field(default_factory=dict)
-    model: Optional[Dict[str, Any]] = None
 
     def check(self, cfg: DictConfig, name: str) -> None:
         stage_training_config(cfg, name, self._overrides())
 
+    def _overrides(self) -> dict[str, dict]:
+        return {"trainer": self.trainer, "optimizer": self.optimizer, "scheduler": self.scheduler}
+
+
+@dataclass
+class Train(TrainingStage):
+    """Train the model on the training split, validating each epoch.
+
+    Fields:
+        model: a model config to train from scratch instead of the model handed in (e.g. a
+            control run; initialised from `seed`, like every model a stage builds); null
+            continues with the incoming model.
+    """
+
+    kind = "train"
+    model: Optional[Dict[str, Any]] = None
+
     def prepare(self, model: nn.Module, ctx: Context) -> nn.Module:
-        return ctx.build_model(OmegaConf.create(self.model)) if self.model is not None else model
+        return ctx.build_model(OmegaConf.create(self.model), seeded=True) if self.model is not None else model
 
     def run(self, name: str, model: nn.Module, ctx: Context) -> nn.Module:
         result = make_trainer(ctx, name, self._overrides()).fit(model, ctx.data.train, ctx.data.val, resume=ctx.resume)
         ctx.extra.update({"epochs": result.epochs, "steps": result.steps, "best_val": result.best})
         return model
-
-    def _overrides(self) -> dict[str, dict]:
-        return {"trainer": self.trainer, "optimizer": self.optimizer, "scheduler": self.scheduler}

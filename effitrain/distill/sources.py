@@ -1,0 +1,156 @@
+"""Where teachers come from, how students are derived from them, and cached teacher outputs."""
+
+from __future__ import annotations
+
+import copy
+import json
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+from omegaconf import OmegaConf
+from torch import Tensor, nn
+from torch.utils.data import DataLoader, Dataset
+
+from effitrain.batch import move
+from effitrain.checkpoint import load_weights
+from effitrain.data.bundle import SeededShuffle, _Transformed
+from effitrain.errors import ConfigError
+
+PRETRAINED = "pretrained"
+
+
+def run_checkpoint(run_dir: Path, stage: str | None, where: str) -> tuple[Path, Any]:
+    """The model file and model config of a finished stage in another run folder.
+
+    Args:
+        run_dir: an effitrain run folder (with summary.json and .hydra/config.yaml).
+        stage: the stage whose model to take; None takes the last completed stage.
+    """
+    summary_path, config_path = run_dir / "summary.json", run_dir / ".hydra" / "config.yaml"
+    if not summary_path.exists() or not config_path.exists():
+        raise ConfigError(f"{where}: {run_dir} is not an effitrain run folder (no summary.json or .hydra/config.yaml)")
+    stages = [row["name"] for row in json.loads(summary_path.read_text())["stages"]]
+    if not stages:
+        raise ConfigError(f"{where}: run {run_dir} has no completed stage")
+    if stage is None:
+        stage = stages[-1]
+    if stage not in stages:
+        raise ConfigError(f"{where}: run {run_dir} has no completed stage {stage!r} (allowed: {', '.join(stages)})")
+    files = sorted((run_dir / "checkpoints").glob(f"[0-9][0-9]_{stage}.safetensors"))
+    if not files:
+        raise ConfigError(f"{where}: run {run_dir} lists stage {stage!r} but its model file is missing from checkpoints/")
+    return files[0], OmegaConf.load(config_path).model
+
+
+def resolve_teacher(
+    source: str,
+    earlier: dict[str, nn.Module],
+    teacher_model: Any,
+    build: Callable[[Any], nn.Module],
+    where: str,
+) -> nn.Module:
+    """Return the teacher named by `source`.
+
+    Args:
+        source: the name of an earlier stage of this recipe; 'pretrained' (build `teacher_model`
+            as configured, e.g. a pretrained transformer); a .safetensors file (weights for
+            `teacher_model`); or a run folder, optionally with ':STAGE' (that run's model and
+            weights; default its last completed stage).
+        earlier: models of the stages already run, by name.
+        teacher_model: the teacher's model config (for 'pretrained' and .safetensors files).
+        build: builds a model from a config (on the run device).
+        where: config path for errors.
+    """
+    if source in earlier:
+        return earlier[source]
+    if source == PRETRAINED:
+        return build(teacher_model)
+    path_text, _, stage = source.partition(":") if not Path(source).exists() else (source, "", "")
+    path = Path(path_text).expanduser()
+    if path.is_file() and path.suffix == ".safetensors":
+        teacher = build(teacher_model)
+        try:
+            return load_weights(teacher, path)
+        except RuntimeError as error:
+            raise ConfigError(f"{where}: {path} does not fit the teacher model ({str(error).splitlines()[0][:300]})") from None
+    if path.is_dir():
+        file, model_cfg = run_checkpoint(path, stage or None, where)
+        return load_weights(build(model_cfg), file)
+    allowed = [*earlier, PRETRAINED, "a .safetensors file", "a run folder[:STAGE]"]
+    raise ConfigError(f"{where} = {source!r}: no such teacher (allowed: {', '.join(allowed)})")
+
+
+def layer_list(model: nn.Module) -> tuple[str, nn.ModuleList] | None:
+    """The longest ModuleList of same-class blocks (a transformer's layers), with its name."""
+    best: tuple[str, nn.ModuleList] | None = None
+    for name, module in model.named_modules():
+        if isinstance(module, nn.ModuleList) and len(module) > 1 and len({type(block) for block in module}) == 1:
+            if best is None or len(module) > len(best[1]):
+                best = (name, module)
+    return best
+
+
+def derive_student(teacher: nn.Module, keep_every: int, where: str) -> nn.Module:
+    """DistilBERT-style student: a copy of `teacher` keeping layers 0, k, 2k, … with their weights.
+
+    Raises:
+        ConfigError: the teacher has no list of repeated layers, or keeps all of them.
+    """
+    found = layer_list(teacher)
+    if found is None:
+        raise ConfigError(
+            f"{where}: keep_every needs a teacher with a list of repeated layers (e.g. a BERT encoder); "
+            f"{type(teacher).__name__} has none (give a student model config instead)"
+        )
+    name, layers = found
+    if keep_every < 2 or keep_every > len(layers):
+        raise ConfigError(f"{where} = {keep_every} is not allowed (allowed: an integer in [2, {len(layers)}], the teacher's {name} has {len(layers)} layers)")
+    student = copy.deepcopy(teacher)
+    student.requires_grad_(True)
+    kept = nn.ModuleList(list(student.get_submodule(name))[::keep_every])
+    parent_name, _, attribute = name.rpartition(".")
+    setattr(student.get_submodule(parent_name) if parent_name else student, attribute, kept)
+    config = getattr(student, "config", None)
+    if config is not None and hasattr(config, "num_hidden_layers"):
+        config.num_hidden_layers = len(kept)
+    for index, block in enumerate(kept):  # HF attention layers carry their index (KV caches)
+        for module in block.modules():
+            if hasattr(module, "layer_idx"):
+                module.layer_idx = index
+    return student
+
+
+class _WithTeacher(Dataset):
+    """(inputs, label) → (inputs, (label, teacher logits)) by example index."""
+
+    def __init__(self, dataset: Dataset, logits: Tensor) -> None:
+        self.dataset = dataset
+        self.logits = logits
+
+    def __len__(self) -> int:
+        return len(self.logits)
+
+    def __getitem__(self, index: int) -> tuple[Any, Any]:
+        inputs, label = self.dataset[index]
+        return inputs, (label, self.logits[index])
+
+
+def cache_teacher_outputs(loader: DataLoader, teacher_logits: Callable[[Any], Tensor], device: torch.device, where: str) -> DataLoader:
+    """A training loader whose labels carry the teachers' logits, computed once.
+
+    Only sound when an example's inputs are the same every epoch, so augmentation is refused.
+    """
+    dataset = loader.dataset
+    if isinstance(dataset, _Transformed):
+        raise ConfigError(f"{where}: cannot cache teacher outputs with data.augment set (inputs change every epoch); set it false or drop the augmentation")
+    ordered = DataLoader(dataset, batch_size=loader.batch_size or 64, shuffle=False, collate_fn=loader.collate_fn)
+    outputs = [teacher_logits(move(inputs, device)).cpu() for inputs, _ in ordered]
+    sampler = loader.sampler
+    seed = sampler.seed if isinstance(sampler, SeededShuffle) else 0
+    return DataLoader(
+        _WithTeacher(dataset, torch.cat(outputs)),
+        batch_size=loader.batch_size,
+        sampler=SeededShuffle(len(dataset), seed),  # type: ignore[arg-type]
+        collate_fn=loader.collate_fn,
+    )
