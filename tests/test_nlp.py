@@ -1,0 +1,94 @@
+"""The Hugging Face path: offline model and tokenizer loading, text data, and distill_bert end to end
+on a tiny BERT saved to a local folder (the real MiniLM recipe runs by hand and in the closing note)."""
+
+from __future__ import annotations
+
+import shutil
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from effitrain.data.text import build_bbcnews, build_text, read_bbcnews
+from effitrain.errors import ConfigError
+from effitrain.models.hf import hf_classifier, load_tokenizer, resolve_pretrained
+
+from conftest import read_summary, run_cli, run_dirs
+
+
+@pytest.fixture(scope="module")
+def tiny_bert_dir(tmp_path_factory) -> Path:
+    """A 6-layer, 32-wide BERT with MiniLM's tokenizer, saved as a local model folder."""
+    from transformers import BertConfig, BertForSequenceClassification
+
+    folder = tmp_path_factory.mktemp("tiny_bert")
+    torch.manual_seed(0)
+    config = BertConfig(vocab_size=30522, hidden_size=32, num_hidden_layers=6, num_attention_heads=2,
+                        intermediate_size=64, max_position_embeddings=64)
+    BertForSequenceClassification(config).save_pretrained(folder)
+    minilm = Path(resolve_pretrained("minilm"))
+    for name in ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "special_tokens_map.json"):
+        shutil.copy(minilm / name, folder / name)
+    return folder
+
+
+def test_packaged_minilm_resolves_to_a_local_folder() -> None:
+    folder = Path(resolve_pretrained("minilm"))
+    assert (folder / "config.json").is_file() and (folder / "model.safetensors").is_file()
+
+
+def test_hub_names_fail_fast_and_clearly_offline() -> None:
+    started = time.perf_counter()
+    with pytest.raises(ConfigError, match=r"model.pretrained = 'no-such-org/no-such-model': not a local folder .* downloads are off"):
+        hf_classifier("no-such-org/no-such-model", 3)
+    with pytest.raises(ConfigError, match=r"data.tokenizer = 'no-such-org/no-such-model': not a local folder"):
+        load_tokenizer("no-such-org/no-such-model")
+    assert time.perf_counter() - started < 30  # no network retries
+
+
+def test_local_folder_model_and_overrides(tiny_bert_dir) -> None:
+    model = hf_classifier(str(tiny_bert_dir), 5)
+    assert model.config.num_labels == 5 and len(model.bert.encoder.layer) == 6
+    smaller = hf_classifier(str(tiny_bert_dir), 5, config={"num_hidden_layers": 2})
+    assert len(smaller.bert.encoder.layer) == 2
+    with pytest.raises(ConfigError, match="model.config.nope: no such setting"):
+        hf_classifier(str(tiny_bert_dir), 5, config={"nope": 1})
+
+
+def test_bbcnews_corpus_is_read_from_the_package() -> None:
+    table = read_bbcnews()
+    assert len(table.texts) == 2225 and len(table.label_names) == 5
+    assert all(text for text in table.texts)
+
+
+def test_text_table_is_tokenised_and_split(tmp_path) -> None:
+    rows = ["text,label"] + [f"story number {i} about {'sport' if i % 2 else 'money'},{'sport' if i % 2 else 'business'}" for i in range(40)]
+    (tmp_path / "t.csv").write_text("\n".join(rows) + "\n")
+    data = build_text(str(tmp_path / "t.csv"), "minilm", num_classes=2, max_length=16, batch_size=4)
+    inputs, labels = next(iter(data.train))
+    assert inputs["input_ids"].shape == (4, 16) and inputs["attention_mask"].shape == (4, 16)
+    assert len(data.train.dataset) + len(data.val.dataset) + len(data.test.dataset) == 40
+    with pytest.raises(ConfigError, match=r"data.num_classes = 3 but the data has 2 labels \(business, sport\)"):
+        build_text(str(tmp_path / "t.csv"), "minilm", num_classes=3, max_length=16)
+
+
+def test_bbcnews_split_is_fixed() -> None:
+    first, second = build_bbcnews("minilm", max_length=8), build_bbcnews("minilm", max_length=8)
+    assert first.test.dataset.indices == second.test.dataset.indices
+    assert len(first.test.dataset) == 334
+
+
+def test_distill_bert_recipe_end_to_end_on_a_tiny_bert(tiny_bert_dir, workdir) -> None:
+    result = run_cli(
+        "run", "recipe=distill_bert", f"model.pretrained={tiny_bert_dir}", "data.max_length=16", "data.input_shape=[16]",
+        "trainer.max_epochs=1", "measure.repeats=10", "measure.warmup=1", "optimizer.lr=1e-3", cwd=workdir, timeout=400,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    (run_dir,) = run_dirs(workdir)
+    summary = read_summary(run_dir)
+    rows = {row["name"]: row["metrics"] for row in summary["stages"]}
+    assert list(rows) == ["teacher", "student", "evaluate"]
+    assert rows["student"]["params"] < rows["teacher"]["params"]
+    assert rows["student"]["teacher_accuracy"] == [pytest.approx(rows["teacher"]["accuracy"])]
+    assert (run_dir / "predictions" / "student.json").is_file()
