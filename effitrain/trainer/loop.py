@@ -105,6 +105,7 @@ class Trainer:
         self.hooks = list(hooks)
         self.epoch = 0
         self.step = 0
+        self.total_steps = 0
         self.skipped_in_a_row = 0  # fp16 steps in a row whose loss overflowed
         self.model: nn.Module | None = None
         self.optimizer: torch.optim.Optimizer | None = None
@@ -133,6 +134,7 @@ class Trainer:
         total_steps = settings.max_epochs * steps_per_epoch
         if settings.max_steps is not None:
             total_steps = min(total_steps, settings.max_steps)
+        self.total_steps = total_steps  # hooks read it (e.g. a pruning schedule's end)
         scheduler = build_scheduler(self.optimizer, settings.scheduler, settings.warmup_steps, total_steps, settings.min_lr_ratio)
         best, stale_epochs, stopped_early = None, 0, False
         if resume and self._last_state_path.exists():

@@ -1,0 +1,174 @@
+"""Unstructured and N:M pruning masks: which weights, scored how, cut where.
+
+Prunable weights are the `weight` of every Linear and Conv layer, named by module. Saliency
+is |w| ('l1'/'l2': the same order per weight), first-order Taylor |w · g| accumulated over a
+few batches (Molchanov et al.), random (the control), or a user function
+`fn(name, weight) -> scores`. Distribution: one global threshold across layers, or the same
+sparsity in every layer; per-layer overrides by module-name pattern win over both.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+from typing import Any, Callable, Iterable
+
+import torch
+from torch import Tensor, nn
+
+from effitrain.batch import move
+from effitrain.config import locate
+from effitrain.errors import ConfigError
+from effitrain.measure import PRUNABLE
+
+SALIENCIES = ("l1", "l2", "taylor", "random")
+
+
+def prunable(model: nn.Module) -> dict[str, nn.Parameter]:
+    """Module name → weight of every Linear/Conv layer, in model order."""
+    return {name: module.weight for name, module in model.named_modules() if isinstance(module, PRUNABLE)}
+
+
+def layer_sparsities(names: Iterable[str], sparsity: float, overrides: dict[str, float], where: str) -> dict[str, float | None]:
+    """Each layer's own sparsity from `overrides` (first matching pattern), else None (the default).
+
+    Raises:
+        ConfigError: a pattern that matches no prunable layer (listing the prunable layers), or
+            an override outside [0, 1).
+    """
+    names = list(names)
+    result: dict[str, float | None] = {name: None for name in names}
+    for pattern, value in overrides.items():
+        matched = [name for name in names if fnmatch.fnmatchcase(name, pattern)]
+        if not matched:
+            raise ConfigError(f"{where}: pattern {pattern!r} matches no prunable layer (prunable: {', '.join(names)})")
+        if not 0 <= float(value) < 1:
+            raise ConfigError(f"{where}.{pattern} = {value} is not allowed (allowed: a sparsity in [0, 1))")
+        for name in matched:
+            if result[name] is None:
+                result[name] = float(value)
+    return result
+
+
+def saliency_scores(
+    model: nn.Module,
+    saliency: str,
+    names: list[str],
+    batches: Iterable | None = None,
+    loss_fn: Callable | None = None,
+    device: torch.device | None = None,
+    generator: torch.Generator | None = None,
+) -> dict[str, Tensor]:
+    """Score every weight of the named layers (higher = keep)."""
+    weights = prunable(model)
+    if saliency in ("l1", "l2"):
+        return {name: weights[name].detach().abs() for name in names}
+    if saliency == "random":
+        return {name: torch.rand(weights[name].shape, generator=generator).to(weights[name].device) for name in names}
+    if saliency == "taylor":
+        assert batches is not None and loss_fn is not None
+        scores = {name: torch.zeros_like(weights[name]) for name in names}
+        was_training = model.training
+        model.train()
+        for inputs, labels in batches:
+            model.zero_grad(set_to_none=True)
+            loss_fn(model, move(inputs, device), move(labels, device)).backward()
+            for name in names:
+                if weights[name].grad is not None:
+                    scores[name] += (weights[name].detach() * weights[name].grad).abs()
+        model.zero_grad(set_to_none=True)
+        model.train(was_training)
+        return scores
+    function = locate(saliency)
+    return {name: function(name, weights[name].detach()).to(weights[name].device) for name in names}
+
+
+def check_saliency(saliency: str, where: str) -> None:
+    if saliency in SALIENCIES:
+        return
+    try:
+        function = locate(saliency)
+    except ImportError:
+        function = None
+    if not callable(function):
+        raise ConfigError(f"{where} = {saliency!r} is not allowed (allowed: {', '.join(SALIENCIES)}, or a dotted path to fn(name, weight) -> scores)")
+
+
+def magnitude_masks(scores: dict[str, Tensor], sparsity: float, own: dict[str, float | None], distribution: str) -> dict[str, Tensor]:
+    """Boolean keep-masks: the lowest-scoring fraction of weights is cut.
+
+    Args:
+        scores: per-layer scores.
+        sparsity: the default target in [0, 1).
+        own: per-layer overrides (None: the default applies).
+        distribution: 'global' (one threshold over the default layers) or 'uniform'.
+    """
+    masks = {}
+    shared = [name for name in scores if own.get(name) is None]
+    for name in scores:
+        if own.get(name) is not None or distribution == "uniform":
+            target = own.get(name) if own.get(name) is not None else sparsity
+            masks[name] = _keep_top(scores[name], target)  # type: ignore[arg-type]
+    if distribution == "global" and shared:
+        flat = torch.cat([scores[name].flatten().float() for name in shared])
+        cut = int(round(sparsity * flat.numel()))
+        if cut == 0:
+            masks.update({name: torch.ones_like(scores[name], dtype=torch.bool) for name in shared})
+        else:
+            keep = torch.ones(flat.numel(), dtype=torch.bool, device=flat.device)
+            keep[torch.argsort(flat, stable=True)[:cut]] = False  # exact count, ties broken by position
+            offset = 0
+            for name in shared:
+                size = scores[name].numel()
+                masks[name] = keep[offset:offset + size].view_as(scores[name])
+                offset += size
+    return masks
+
+
+def _keep_top(scores: Tensor, sparsity: float) -> Tensor:
+    cut = int(round(sparsity * scores.numel()))
+    keep = torch.ones(scores.numel(), dtype=torch.bool, device=scores.device)
+    if cut:
+        keep[torch.argsort(scores.flatten().float(), stable=True)[:cut]] = False
+    return keep.view_as(scores)
+
+
+def nm_masks(scores: dict[str, Tensor], n: int, m: int, where: str) -> dict[str, Tensor]:
+    """N:M masks: in every group of M consecutive input weights of an output, keep the N best.
+
+    Raises:
+        ConfigError: a layer whose inputs per output are not a multiple of M (exclude it with an
+            override of 0).
+    """
+    masks = {}
+    for name, score in scores.items():
+        rows = score.reshape(score.shape[0], -1)
+        if rows.shape[1] % m:
+            raise ConfigError(
+                f"{where}: layer {name} has {rows.shape[1]} inputs per output, not a multiple of M={m} "
+                f"(exclude it: overrides: {{{name}: 0}})"
+            )
+        groups = rows.reshape(rows.shape[0], -1, m)
+        keep = torch.zeros_like(groups, dtype=torch.bool)
+        keep.scatter_(-1, groups.topk(n, dim=-1).indices, True)
+        masks[name] = keep.reshape(score.shape)
+    return masks
+
+
+def apply_masks(model: nn.Module, masks: dict[str, Tensor]) -> None:
+    """Zero the masked weights in place."""
+    weights = prunable(model)
+    with torch.no_grad():
+        for name, mask in masks.items():
+            weights[name].mul_(mask.to(weights[name].dtype))
+
+
+def sparsity_table(model: nn.Module) -> list[dict[str, Any]]:
+    """Per prunable layer: name, type, shape, weights, zeros, sparsity."""
+    rows = []
+    for name, module in model.named_modules():
+        if isinstance(module, PRUNABLE):
+            weight = module.weight.detach()
+            zeros = int((weight == 0).sum())
+            rows.append({"layer": name, "type": type(module).__name__, "shape": list(weight.shape), "weights": weight.numel(),
+                         "zeros": zeros, "sparsity": zeros / max(weight.numel(), 1)})
+    return rows

@@ -1,0 +1,116 @@
+"""Structured pruning with physical removal, through Torch-Pruning's DepGraph (Fang et al.
+2023): removing a conv's output channels also shrinks the batch-norm after it, the next
+layer's inputs, residual partners and the classifier, so the result is a smaller dense model.
+The output layer (the one producing the logits) is never pruned.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Iterable
+
+import torch
+from torch import nn
+
+from effitrain.batch import forward, move
+from effitrain.errors import ConfigError
+from effitrain.measure import PRUNABLE
+
+STRUCTURED = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
+
+
+def _output_layer(model: nn.Module) -> nn.Module:
+    layers = [module for module in model.modules() if isinstance(module, STRUCTURED)]
+    if not layers:
+        raise ConfigError(f"structured pruning: {type(model).__name__} has no Linear or Conv layers to prune")
+    return layers[-1]
+
+
+def _importance(saliency: str) -> Any:
+    import torch_pruning as tp
+
+    if saliency == "l1":
+        return tp.importance.MagnitudeImportance(p=1)
+    if saliency == "l2":
+        return tp.importance.MagnitudeImportance(p=2)
+    if saliency == "taylor":
+        return tp.importance.TaylorImportance()
+    if saliency == "random":
+        return tp.importance.RandomImportance()
+    raise ConfigError(f"saliency = {saliency!r} is not supported for structured pruning (allowed: l1, l2, taylor, random)")
+
+
+def prune_channels(
+    model: nn.Module,
+    example: Any,
+    sparsity: float,
+    own: dict[str, float | None],
+    saliency: str,
+    distribution: str,
+    where: str,
+    taylor_batches: Iterable | None = None,
+    loss_fn: Callable | None = None,
+    device: torch.device | None = None,
+) -> nn.Module:
+    """Remove the `sparsity` fraction of output channels/neurons (per layer, or globally ranked).
+
+    Args:
+        model: pruned in place (and returned).
+        example: example inputs for tracing the dependency graph.
+        own: per-layer sparsity overrides by module name (0 leaves a layer whole).
+        taylor_batches, loss_fn, device: for Taylor saliency, the batches whose gradients score channels.
+
+    Raises:
+        ConfigError: a layer type the dependency graph cannot handle, or an override on a layer
+            that is not Linear/Conv.
+    """
+    import torch_pruning as tp
+
+    modules = dict(model.named_modules())
+    for name, value in own.items():
+        if value is not None and not isinstance(modules[name], STRUCTURED):
+            raise ConfigError(f"{where}: layer {name} is {type(modules[name]).__name__}; structured pruning supports Linear and Conv layers")
+    output = _output_layer(model)
+    ignored = [output] + [modules[name] for name, value in own.items() if value == 0]
+    ratios = {modules[name]: value for name, value in own.items() if value not in (None, 0)}
+    was_training = model.training
+    model.eval()
+    try:
+        pruner = tp.pruner.MetaPruner(
+            model, move(example, device) if device is not None else example, importance=_importance(saliency),
+            pruning_ratio=sparsity, pruning_ratio_dict=ratios or None, ignored_layers=ignored,
+            global_pruning=distribution == "global", forward_fn=lambda m, x: forward(m, x),
+        )
+        if saliency == "taylor":
+            assert taylor_batches is not None and loss_fn is not None
+            model.zero_grad(set_to_none=True)
+            for inputs, labels in taylor_batches:
+                loss_fn(model, move(inputs, device), move(labels, device)).backward()
+        pruner.step()
+        model.zero_grad(set_to_none=True)
+    except ConfigError:
+        raise
+    except Exception as error:  # the tracer meets an operation it cannot follow
+        raise ConfigError(
+            f"{where}: structured pruning cannot handle {type(model).__name__} ({type(error).__name__}: {str(error).splitlines()[0][:200]}); "
+            "supported: Conv/Linear networks with BatchNorm, residual adds and concatenations"
+        ) from None
+    model.train(was_training)
+    return model
+
+
+def shrink_to(model: nn.Module, shapes: dict[str, tuple[int, ...]], example: Any) -> nn.Module:
+    """Shrink `model`'s layers to the saved weight `shapes` (so a pruned checkpoint loads on resume).
+
+    Which channels go does not matter: the saved weights overwrite them all.
+    """
+    import torch_pruning as tp
+
+    graph = tp.DependencyGraph().build_dependency(model, example_inputs=example, forward_fn=lambda m, x: forward(m, x))
+    for name, module in list(model.named_modules()):
+        key = f"{name}.weight"
+        if isinstance(module, PRUNABLE) and key in shapes:
+            excess = module.weight.shape[0] - shapes[key][0]
+            if excess > 0:
+                prune_fn = tp.prune_conv_out_channels if isinstance(module, nn.modules.conv._ConvNd) else tp.prune_linear_out_channels
+                graph.get_pruning_group(module, prune_fn, idxs=list(range(excess))).prune()
+    return model

@@ -1,0 +1,201 @@
+"""`prune`: saliency × granularity × distribution × schedule, with masks kept exact during
+training by a trainer hook and a per-layer sparsity table in the run folder and the log."""
+
+from __future__ import annotations
+
+import itertools
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Dict, Optional
+
+import torch
+from safetensors import safe_open
+from torch import Tensor, nn
+
+from effitrain.checkpoint import load_weights, write_json
+from effitrain.errors import ConfigError
+from effitrain.prune.hook import MaskHook
+from effitrain.prune.masks import (
+    apply_masks,
+    check_saliency,
+    layer_sparsities,
+    magnitude_masks,
+    nm_masks,
+    prunable,
+    saliency_scores,
+    sparsity_table,
+)
+from effitrain.prune.structured import prune_channels, shrink_to
+from effitrain.report import render_text
+from effitrain.stages.base import Context
+from effitrain.stages.train import TrainingStage, make_trainer
+from effitrain.trainer import cross_entropy_loss
+
+log = logging.getLogger("effitrain")
+
+GRANULARITIES = ("unstructured", "structured", "nm")
+SCHEDULES = ("oneshot", "iterative", "gradual", "rigl")
+DISTRIBUTIONS = ("global", "uniform")
+
+
+def _allowed(where: str, value: Any, allowed: tuple[str, ...]) -> None:
+    if value not in allowed:
+        raise ConfigError(f"{where} = {value!r} is not allowed (allowed: {', '.join(allowed)})")
+
+
+@dataclass
+class Prune(TrainingStage):
+    """Prune the incoming model, fine-tuning with the one trainer.
+
+    Fields:
+        granularity: unstructured (weights) | structured (channels/neurons, physically removed) | nm (N:M).
+        saliency: l1 | l2 | taylor | random | a dotted path to fn(name, weight) -> scores.
+        sparsity: target fraction of weights (unstructured/nm: n/m is implied) or channels removed, in [0, 1).
+        distribution: global (one threshold across layers) | uniform (the same in every layer).
+        overrides: {module-name pattern: sparsity}; 0 leaves a layer dense (e.g. {features.0: 0}).
+        schedule: oneshot | iterative (`rounds` prune/fine-tune rounds) | gradual (Zhu & Gupta,
+            inside training) | rigl (constant sparsity with drop/regrow; unstructured only).
+        fine_tune: train after one-shot pruning / after each round (epochs: this stage's trainer).
+        rounds: iterative rounds; round r reaches 1 - (1 - sparsity)^(r / rounds).
+        initial_sparsity, begin_step, end_step, frequency: gradual ramp s_i → sparsity from
+            begin_step to end_step (null: 75% of the stage's steps), masks updated every `frequency` steps.
+        drop_fraction: RigL's initial drop/regrow fraction (cosine-decayed to 0 at end_step).
+        n, m: N:M pattern (keep n of every m consecutive weights).
+        taylor_batches: training batches whose gradients score weights for taylor saliency.
+    """
+
+    kind = "prune"
+    granularity: str = "unstructured"
+    saliency: str = "l1"
+    sparsity: float = 0.5
+    distribution: str = "global"
+    overrides: Dict[str, float] = field(default_factory=dict)
+    schedule: str = "oneshot"
+    fine_tune: bool = True
+    rounds: int = 3
+    initial_sparsity: float = 0.0
+    begin_step: int = 0
+    end_step: Optional[int] = None
+    frequency: int = 10
+    drop_fraction: float = 0.3
+    n: int = 2
+    m: int = 4
+    taylor_batches: int = 8
+
+    def __post_init__(self) -> None:
+        _allowed("granularity", self.granularity, GRANULARITIES)
+        _allowed("schedule", self.schedule, SCHEDULES)
+        _allowed("distribution", self.distribution, DISTRIBUTIONS)
+        check_saliency(self.saliency, "saliency")
+        if not 0 <= self.sparsity < 1:
+            raise ConfigError(f"sparsity = {self.sparsity} is not allowed (allowed: a number in [0, 1))")
+        if not 0 <= self.initial_sparsity <= self.sparsity:
+            raise ConfigError(f"initial_sparsity = {self.initial_sparsity} is not allowed (allowed: a number in [0, sparsity={self.sparsity}])")
+        if not 1 <= self.n < self.m:
+            raise ConfigError(f"n = {self.n}, m = {self.m} is not allowed (allowed: 1 <= n < m, e.g. 2:4)")
+        for key in ("rounds", "frequency", "taylor_batches"):
+            if getattr(self, key) < 1:
+                raise ConfigError(f"{key} = {getattr(self, key)} is not allowed (allowed: an integer >= 1)")
+        if not 0 < self.drop_fraction < 1:
+            raise ConfigError(f"drop_fraction = {self.drop_fraction} is not allowed (allowed: a number in (0, 1))")
+        if self.granularity == "structured" and self.schedule in ("gradual", "rigl"):
+            raise ConfigError(f"schedule = {self.schedule!r} is not allowed with granularity 'structured' (allowed: oneshot, iterative)")
+        if self.granularity == "nm" and self.schedule != "oneshot":
+            raise ConfigError(f"schedule = {self.schedule!r} is not allowed with granularity 'nm' (allowed: oneshot)")
+        for pattern, value in self.overrides.items():
+            if not 0 <= float(value) < 1:
+                raise ConfigError(f"overrides.{pattern} = {value} is not allowed (allowed: a sparsity in [0, 1))")
+
+    def prepare(self, model: nn.Module, ctx: Context) -> nn.Module:
+        self._example = ctx.data.example_batch(2)
+        return model
+
+    # -- run ----------------------------------------------------------------------------------
+
+    def run(self, name: str, model: nn.Module, ctx: Context) -> nn.Module:
+        where = f"stage.{name}"
+        own = layer_sparsities(list(prunable(model)), self.sparsity, self.overrides, f"{where}.overrides")
+        taylor = list(itertools.islice(ctx.data.train, self.taylor_batches)) if self.saliency == "taylor" else None
+        if self.granularity == "structured":
+            model = self._structured(name, model, ctx, own, taylor, where)
+        else:
+            self._masked(name, model, ctx, own, taylor, where)
+        rows = sparsity_table(model)
+        write_json(ctx.run_dir / "pruning" / f"{name}.json", rows)
+        log.info("[%s] per-layer sparsity\n%s", name, render_text(_table(name, rows)).rstrip())
+        ctx.extra.update({"granularity": self.granularity, "schedule": self.schedule, "target_sparsity": self.sparsity})
+        return model
+
+    def _structured(self, name: str, model: nn.Module, ctx: Context, own: dict, taylor: list | None, where: str) -> nn.Module:
+        rounds = self.rounds if self.schedule == "iterative" else 1
+        for round_index in range(1, rounds + 1):
+            # each round removes a share of what is left, so `rounds` rounds remove `sparsity` in all
+            keep = (1 - self.sparsity) ** (1 / rounds)
+            round_own = {key: (None if value is None else 1 - (1 - value) ** (1 / rounds)) for key, value in own.items()}
+            prune_channels(model, self._example, 1 - keep, round_own, self.saliency, self.distribution, where,
+                           taylor, cross_entropy_loss, ctx.device)
+            if self.fine_tune:
+                stage = name if rounds == 1 else f"{name}_round{round_index}"
+                # the architecture changes between rounds: a killed stage restarts from its input
+                make_trainer(ctx, stage, self._overrides()).fit(model, ctx.data.train, ctx.data.val, resume=ctx.resume and rounds == 1)
+        return model
+
+    def _masked(self, name: str, model: nn.Module, ctx: Context, own: dict, taylor: list | None, where: str) -> None:
+        hook: MaskHook | None = None
+
+        def remask(current: nn.Module, target: float) -> dict[str, Tensor]:
+            names = [layer for layer in own if self.granularity != "nm" or own[layer] != 0]
+            scores = saliency_scores(current, self.saliency, names, taylor, cross_entropy_loss, ctx.device,
+                                     torch.Generator().manual_seed(ctx.cfg.seed))
+            if hook is not None:  # pruned weights stay pruned as the schedule advances
+                for layer, mask in hook.masks.items():
+                    scores[layer] = scores[layer].float().masked_fill(~mask, -1.0)
+            if self.granularity == "nm":
+                return nm_masks(scores, self.n, self.m, f"{where}.overrides")
+            return magnitude_masks(scores, target, own, self.distribution)
+
+        if self.schedule in ("oneshot", "rigl"):
+            hook = MaskHook(remask(model, self.sparsity), "fixed" if self.schedule == "oneshot" else "rigl",
+                            end_step=self.end_step, frequency=self.frequency, drop_fraction=self.drop_fraction)
+            rigl = self.schedule == "rigl"
+            self._train(name, model, ctx, hook, train=self.fine_tune or rigl, restore_best=not rigl)
+        elif self.schedule == "gradual":
+            hook = MaskHook(remask(model, self.initial_sparsity), "gradual", remask, self.initial_sparsity, self.sparsity,
+                            self.begin_step, self.end_step, self.frequency)
+            self._train(name, model, ctx, hook, train=True, restore_best=False)
+        else:
+            for round_index in range(1, self.rounds + 1):
+                target = 1 - (1 - self.sparsity) ** (round_index / self.rounds)
+                hook = MaskHook(remask(model, target), "fixed")
+                self._train(f"{name}_round{round_index}", model, ctx, hook, train=self.fine_tune)
+        # make permanent: the zeros are in the weights; the masking hook goes away with the trainer
+
+    def _train(self, name: str, model: nn.Module, ctx: Context, hook: MaskHook, train: bool, restore_best: bool = True) -> None:
+        if not train:
+            apply_masks(model, hook.masks)
+            return
+        overrides = self._overrides()
+        if not restore_best:  # the best epoch may predate the final sparsity or masks
+            overrides = {**overrides, "trainer": {**overrides["trainer"], "restore_best": False}}
+        make_trainer(ctx, name, overrides, hooks=[hook]).fit(model, ctx.data.train, ctx.data.val, resume=ctx.resume)
+
+    # -- resume of a completed stage ----------------------------------------------------------
+
+    def load_model(self, model: nn.Module, path: Path) -> nn.Module:
+        if self.granularity == "structured":
+            with safe_open(str(path), framework="pt") as handle:
+                shapes = {key: tuple(handle.get_slice(key).get_shape()) for key in handle.keys()}
+            shrink_to(model, shapes, self._example)
+        return load_weights(model, path)
+
+
+def _table(name: str, rows: list[dict[str, Any]]) -> Any:
+    from rich.table import Table
+
+    table = Table(title=f"{name}: per-layer sparsity")
+    for column in ("layer", "type", "shape", "weights", "zeros", "sparsity"):
+        table.add_column(column, justify="left" if column in ("layer", "type", "shape") else "right")
+    for row in rows:
+        table.add_row(row["layer"], row["type"], "x".join(map(str, row["shape"])), f"{row['weights']:,}", f"{row['zeros']:,}", f"{row['sparsity']:.3f}")
+    return table
