@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import itertools
 import logging
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Dict, Optional
 
@@ -53,7 +53,8 @@ class Prune(TrainingStage):
         saliency: l1 | l2 | taylor | random | a dotted path to fn(name, weight) -> scores.
         sparsity: target fraction of weights (unstructured/nm: n/m is implied) or channels removed, in [0, 1).
         distribution: global (one threshold across layers) | uniform (the same in every layer).
-        overrides: {module-name pattern: sparsity}; 0 leaves a layer dense (e.g. {features.0: 0}).
+        overrides: {module-name pattern: sparsity}; 0 leaves a layer dense. On the command line:
+            stage.NAME.overrides='{features.0: 0, classifier.*: 0.5}' (null: none).
         schedule: oneshot | iterative (`rounds` prune/fine-tune rounds) | gradual (Zhu & Gupta,
             inside training) | rigl (constant sparsity with drop/regrow; unstructured only).
         fine_tune: train after one-shot pruning / after each round (epochs: this stage's trainer).
@@ -70,7 +71,7 @@ class Prune(TrainingStage):
     saliency: str = "l1"
     sparsity: float = 0.5
     distribution: str = "global"
-    overrides: Dict[str, float] = field(default_factory=dict)
+    overrides: Optional[Dict[str, float]] = None
     schedule: str = "oneshot"
     fine_tune: bool = True
     rounds: int = 3
@@ -103,7 +104,7 @@ class Prune(TrainingStage):
             raise ConfigError(f"schedule = {self.schedule!r} is not allowed with granularity 'structured' (allowed: oneshot, iterative)")
         if self.granularity == "nm" and self.schedule != "oneshot":
             raise ConfigError(f"schedule = {self.schedule!r} is not allowed with granularity 'nm' (allowed: oneshot)")
-        for pattern, value in self.overrides.items():
+        for pattern, value in (self.overrides or {}).items():
             if not 0 <= float(value) < 1:
                 raise ConfigError(f"overrides.{pattern} = {value} is not allowed (allowed: a sparsity in [0, 1))")
 
@@ -115,7 +116,7 @@ class Prune(TrainingStage):
 
     def run(self, name: str, model: nn.Module, ctx: Context) -> nn.Module:
         where = f"stage.{name}"
-        own = layer_sparsities(list(prunable(model)), self.sparsity, self.overrides, f"{where}.overrides")
+        own = layer_sparsities(list(prunable(model)), self.sparsity, self.overrides or {}, f"{where}.overrides")
         taylor = list(itertools.islice(ctx.data.train, self.taylor_batches)) if self.saliency == "taylor" else None
         if self.granularity == "structured":
             model = self._structured(name, model, ctx, own, taylor, where)
