@@ -92,3 +92,18 @@ def test_distill_bert_recipe_end_to_end_on_a_tiny_bert(tiny_bert_dir, workdir) -
     assert rows["student"]["params"] < rows["teacher"]["params"]
     assert rows["student"]["teacher_accuracy"] == [pytest.approx(rows["teacher"]["accuracy"])]
     assert (run_dir / "predictions" / "student.json").is_file()
+
+
+def test_bert_heads_and_ffn_neurons_are_pruned_physically(tiny_bert_dir, workdir) -> None:
+    result = run_cli(
+        "run", "recipe=prune_bert", f"model.pretrained={tiny_bert_dir}", "data.max_length=16", "data.input_shape=[16]",
+        "trainer.max_epochs=1", "measure.repeats=10", "measure.warmup=1", "hydra.run.dir=run", cwd=workdir, timeout=400,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    rows = {row["name"]: row["metrics"] for row in read_summary(workdir / "run")["stages"]}
+    assert list(rows) == ["teacher", "student", "pruned", "evaluate"]
+    assert rows["pruned"]["params"] < rows["student"]["params"]
+    layers = {row["layer"]: row["shape"] for row in __import__("json").loads((workdir / "run" / "pruning" / "pruned.json").read_text())}
+    assert layers["bert.encoder.layer.0.attention.self.query"] == [16, 32]  # 1 of 2 heads left (head size 16)
+    assert layers["bert.encoder.layer.0.intermediate.dense"] == [32, 32]    # 64 -> 32 FFN neurons
+    assert layers["bert.encoder.layer.0.output.dense"] == [32, 32]          # residual width kept

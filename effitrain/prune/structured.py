@@ -2,6 +2,10 @@
 2023): removing a conv's output channels also shrinks the batch-norm after it, the next
 layer's inputs, residual partners and the classifier, so the result is a smaller dense model.
 The output layer (the one producing the logits) is never pruned.
+
+Transformers (Hugging Face BERT family): attention heads are removed whole (query/key/value
+rows of a head together, `head_pruning_ratio` = sparsity) and FFN neurons by the same ratio;
+the residual stream's width (hidden_size) is kept, so embeddings and layer norms stay as they are.
 """
 
 from __future__ import annotations
@@ -71,6 +75,15 @@ def prune_channels(
             raise ConfigError(f"{where}: layer {name} is {type(modules[name]).__name__}; structured pruning supports Linear and Conv layers")
     output = _output_layer(model)
     ignored = [output] + [modules[name] for name, value in own.items() if value == 0]
+    attention = attention_modules(model)
+    head_options: dict[str, Any] = {}
+    if attention:
+        hidden = model.config.hidden_size  # type: ignore[union-attr]
+        heads = {projection: module.num_attention_heads for module in attention for projection in (module.query, module.key, module.value)}
+        # keep the residual stream: layers writing hidden_size-wide outputs (other than q/k/v) are not pruned
+        ignored += [module for module in model.modules()
+                    if isinstance(module, nn.Linear) and module.out_features == hidden and module not in heads]
+        head_options = {"num_heads": heads, "prune_num_heads": True, "prune_head_dims": False, "head_pruning_ratio": sparsity}
     ratios = {modules[name]: value for name, value in own.items() if value not in (None, 0)}
     was_training = model.training
     model.eval()
@@ -78,7 +91,7 @@ def prune_channels(
         pruner = tp.pruner.MetaPruner(
             model, move(example, device) if device is not None else example, importance=_importance(saliency),
             pruning_ratio=sparsity, pruning_ratio_dict=ratios or None, ignored_layers=ignored,
-            global_pruning=distribution == "global", forward_fn=lambda m, x: forward(m, x),
+            global_pruning=distribution == "global", forward_fn=lambda m, x: forward(m, x), **head_options,
         )
         if saliency == "taylor":
             assert taylor_batches is not None and loss_fn is not None
@@ -87,6 +100,9 @@ def prune_channels(
                 loss_fn(model, move(inputs, device), move(labels, device)).backward()
         pruner.step()
         model.zero_grad(set_to_none=True)
+        for module in attention:  # tell the attention modules how many heads they have left
+            module.num_attention_heads = pruner.num_heads[module.query]
+            module.all_head_size = module.query.out_features
     except ConfigError:
         raise
     except Exception as error:  # the tracer meets an operation it cannot follow
@@ -98,10 +114,17 @@ def prune_channels(
     return model
 
 
+def attention_modules(model: nn.Module) -> list[nn.Module]:
+    """Hugging Face self-attention modules (query/key/value projections and a head count)."""
+    return [module for module in model.modules()
+            if all(hasattr(module, key) for key in ("query", "key", "value", "num_attention_heads", "all_head_size"))]
+
+
 def shrink_to(model: nn.Module, shapes: dict[str, tuple[int, ...]], example: Any) -> nn.Module:
     """Shrink `model`'s layers to the saved weight `shapes` (so a pruned checkpoint loads on resume).
 
-    Which channels go does not matter: the saved weights overwrite them all.
+    Which channels go does not matter: the saved weights overwrite them all. (Transformers are
+    re-pruned by the stage instead: query, key and value must lose the same heads.)
     """
     import torch_pruning as tp
 

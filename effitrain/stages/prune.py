@@ -26,7 +26,7 @@ from effitrain.prune.masks import (
     saliency_scores,
     sparsity_table,
 )
-from effitrain.prune.structured import prune_channels, shrink_to
+from effitrain.prune.structured import attention_modules, prune_channels, shrink_to
 from effitrain.report import render_text
 from effitrain.stages.base import Context
 from effitrain.stages.train import TrainingStage, make_trainer
@@ -184,7 +184,11 @@ class Prune(TrainingStage):
     # -- resume of a completed stage ----------------------------------------------------------
 
     def load_model(self, model: nn.Module, path: Path) -> nn.Module:
-        if self.granularity == "structured":
+        if self.granularity == "structured" and attention_modules(model):
+            # same incoming weights, same saliency: the same heads and neurons go again
+            own = layer_sparsities(list(prunable(model)), self.sparsity, self.overrides or {}, "overrides")
+            prune_channels(model, self._example, self.sparsity, own, self.saliency if self.saliency != "taylor" else "l1", self.distribution, "prune")
+        elif self.granularity == "structured":
             with safe_open(str(path), framework="pt") as handle:
                 shapes = {key: tuple(handle.get_slice(key).get_shape()) for key in handle.keys()}
             shrink_to(model, shapes, self._example)
