@@ -53,9 +53,15 @@ def evaluate(model: nn.Module, loader: Iterable, precision: PrecisionPolicy, kee
 
 
 def count_parameters(model: nn.Module) -> tuple[int, int]:
-    """Return (parameters, non-zero parameters), counting tied parameters once."""
+    """Return (parameters, non-zero parameters), counting tied parameters once and quantized
+    weights (held as integer buffers by modules with `weight_counts()`) as parameters."""
     params = list(model.parameters())
-    return sum(p.numel() for p in params), sum(int(torch.count_nonzero(p)) for p in params)
+    total, nonzero = sum(p.numel() for p in params), sum(int(torch.count_nonzero(p)) for p in params)
+    for module in model.modules():
+        if hasattr(module, "weight_counts"):
+            count, count_nonzero = module.weight_counts()
+            total, nonzero = total + count, nonzero + count_nonzero
+    return total, nonzero
 
 
 def sparsity(model: nn.Module) -> float:

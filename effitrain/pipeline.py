@@ -141,3 +141,54 @@ def run(cfg: DictConfig, run_dir: Path, recipe: str) -> float:
     ledger.finish("completed")
     log.info("\n%s", render_text(ledger_table(ledger.data)).rstrip())
     return float(ledger.data["stages"][-1]["metrics"]["accuracy"])
+
+
+def load_run_model(run_dir: Path, stage: str | None = None) -> tuple[Any, Any]:
+    """Rebuild the model a completed stage of a run saved, in any process (e.g. a fresh one).
+
+    The run's stages are replayed the way a resumed run replays completed ones: each builds
+    its model's structure (`prepare`: students, pruned shapes, quantized layers) and loads its
+    saved file. Nothing in the run folder is written.
+
+    Args:
+        run_dir: an effitrain run folder.
+        stage: the stage whose model to return (default: the last completed one).
+
+    Returns:
+        (model in eval mode, the run's DataBundle).
+
+    Raises:
+        ConfigError: not a run folder, or no such completed stage.
+    """
+    import json
+    import tempfile
+
+    from omegaconf import OmegaConf
+
+    from effitrain.config.compose import register_resolvers
+
+    summary_path, config_path = run_dir / "summary.json", run_dir / ".hydra" / "config.yaml"
+    if not summary_path.is_file() or not config_path.is_file():
+        raise ConfigError(f"{run_dir}: not an effitrain run folder (no summary.json or .hydra/config.yaml)")
+    completed = [row["name"] for row in json.loads(summary_path.read_text())["stages"]]
+    stage = stage if stage is not None else (completed[-1] if completed else None)
+    if stage not in completed:
+        raise ConfigError(f"{run_dir}: no completed stage {stage!r} (allowed: {', '.join(completed) or 'none'})")
+    register_resolvers()
+    cfg = OmegaConf.load(config_path)
+    stages = build_stages(cfg)
+    seed_everything(cfg.seed)
+    precision = precision_from_config(cfg)
+    data = build_data(cfg)
+    with tempfile.TemporaryDirectory() as scratch:
+        logger = RunLogger(Path(scratch), tensorboard=False)
+        ctx = Context(cfg=cfg, precision=precision, data=data, run_dir=run_dir, logger=logger, resume=True)
+        model = build_model(cfg.model).to(precision.device)
+        for index, (name, step) in enumerate(stages.items()):
+            ctx.stage_name = name
+            model = step.load_model(step.prepare(model, ctx), run_dir / "checkpoints" / f"{index:02d}_{name}.safetensors")
+            ctx.models[name] = model
+            if name == stage:
+                break
+        logger.close()
+    return model.eval(), data

@@ -98,6 +98,8 @@ def notes(metrics: dict[str, Any]) -> str:
         parts.append("teacher " + "/".join(f"{value:.3f}" for value in metrics["teacher_accuracy"]))
     if metrics.get("peer_accuracy"):
         parts.append("peers " + "/".join(f"{value:.3f}" for value in metrics["peer_accuracy"]))
+    if metrics.get("backend"):
+        parts.append(metrics["backend"])
     if metrics.get("churn") is not None:
         parts.append(f"churn {metrics['churn']:.3f}")
     return ", ".join(parts)

@@ -1,0 +1,142 @@
+"""Quantization: the affine formula's error bounds, per-channel vs per-tensor, straight-through
+gradients, packed storage, the x86 dynamic int8 path, and the stages through the CLI."""
+
+from __future__ import annotations
+
+import copy
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+from effitrain.errors import ConfigError
+from effitrain.measure import count_parameters
+from effitrain.models.cnn import SmallCNN
+from effitrain.quant.affine import check_bits, choose_qparams, dequantize, fake_quantize, pack, qrange, quantize, unpack
+from effitrain.quant.modules import DynamicInt8Linear, QuantizedWeight, replace_layers, select_layers
+
+from conftest import read_summary, run_cli
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+@pytest.mark.parametrize("scheme", ["affine", "symmetric"])
+def test_round_trip_error_is_at_most_half_a_step(bits: int, scheme: str) -> None:
+    torch.manual_seed(0)
+    x = torch.randn(16, 32) * 3 + 1
+    scale, zero_point = choose_qparams(x, bits, scheme, per_channel=False)
+    q = quantize(x, scale, zero_point, bits, scheme)
+    qmin, qmax = qrange(bits, scheme)
+    assert q.min() >= qmin and q.max() <= qmax
+    error = (dequantize(q, scale, zero_point) - x).abs()
+    assert error.max() <= scale / 2 + 1e-6
+    if scheme == "affine":  # min..max maps onto exactly 2^b - 1 steps
+        assert scale.item() == pytest.approx((x.max().clamp(min=0) - x.min().clamp(max=0)).item() / (2**bits - 1))
+    assert dequantize(quantize(torch.zeros(1), scale, zero_point, bits, scheme), scale, zero_point).item() == 0  # zero is exact
+
+
+def test_per_channel_beats_per_tensor_on_a_skewed_tensor() -> None:
+    torch.manual_seed(0)
+    x = torch.randn(8, 64) * torch.logspace(-3, 1, 8).unsqueeze(1)  # channels of very different ranges
+    errors, smallest = {}, {}
+    for per_channel in (False, True):
+        scale, zero_point = choose_qparams(x, 8, "symmetric", per_channel)
+        error = dequantize(quantize(x, scale, zero_point, 8, "symmetric"), scale, zero_point) - x
+        errors[per_channel] = error.pow(2).mean()
+        smallest[per_channel] = (error[0].norm() / x[0].norm()).item()  # relative error of the smallest channel
+    assert errors[True] < errors[False] / 2
+    assert smallest[False] > 0.9 and smallest[True] < 0.02  # per-tensor rounds the small channel to zero
+
+
+def test_fake_quant_passes_gradients_straight_through() -> None:
+    x = torch.randn(4, 8, requires_grad=True)
+    y = fake_quantize(x, 4, "symmetric", per_channel=True)
+    assert not torch.equal(y, x) and len(torch.unique(y[0])) <= 15
+    (y * torch.arange(8.0)).sum().backward()
+    assert torch.equal(x.grad, torch.arange(8.0).expand(4, 8))
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+def test_packing_is_lossless_and_compact(bits: int) -> None:
+    levels = torch.randint(*qrange(bits, "symmetric"), (7, 9), dtype=torch.int16)
+    packed = pack(levels, bits, "symmetric")
+    assert packed.dtype == torch.uint8 and packed.numel() == (63 if bits == 8 else 32)
+    assert torch.equal(unpack(packed, bits, "symmetric", (7, 9)), levels)
+
+
+def test_unsupported_bits_and_empty_models_are_refused() -> None:
+    with pytest.raises(ConfigError, match=r"bits = 3 is not allowed \(allowed: 4, 8\)"):
+        check_bits(3, "bits")
+    with pytest.raises(ConfigError, match="has no Linear/Conv1d/Conv2d layers to quantize"):
+        select_layers(nn.Sequential(nn.ReLU()), [], "stage.q.skip")
+    with pytest.raises(ConfigError, match=r"pattern 'conv9' matches no quantizable layer"):
+        select_layers(SmallCNN((1, 8, 8), 10), ["conv9"], "stage.q.skip")
+
+
+def test_quantized_layers_stay_close_and_count_as_parameters() -> None:
+    torch.manual_seed(0)
+    model = SmallCNN((1, 8, 8), 10).eval()
+    x = torch.randn(16, 1, 8, 8)
+    for bits, tolerance in ((8, 0.05), (4, 0.6)):
+        quantized = copy.deepcopy(model)
+        replace_layers(quantized, select_layers(quantized, [], "q"), lambda layer: QuantizedWeight(layer, bits, "symmetric", True))
+        assert (quantized(x) - model(x)).abs().max() < tolerance
+        assert count_parameters(quantized)[0] == count_parameters(model)[0]
+        assert isinstance(quantized.features[0], QuantizedWeight)
+
+
+def test_x86_dynamic_linear_matches_and_reloads_exactly() -> None:
+    torch.manual_seed(0)
+    layer = nn.Linear(64, 32)
+    dynamic = DynamicInt8Linear(layer)
+    x = torch.randn(8, 64)
+    assert (dynamic(x) - layer(x)).abs().max() < 0.05
+    fresh = DynamicInt8Linear(nn.Linear(64, 32))
+    fresh.load_state_dict(dynamic.state_dict())
+    assert torch.equal(fresh(x), dynamic(x))
+    assert dynamic.state_dict()["qweight"].dtype == torch.int8
+
+
+TINY = ["data=synthetic", "trainer.max_epochs=2", "stage.qat_int4.trainer.max_epochs=1", "measure.repeats=10", "measure.warmup=1"]
+
+
+def test_quantize_recipe_rows_sizes_and_reload_in_a_fresh_process(workdir: Path) -> None:
+    result = run_cli("run", "recipe=quantize_digits", *TINY, "hydra.run.dir=run", cwd=workdir)
+    assert result.returncode == 0, result.stderr[-3000:]
+    rows = {row["name"]: row["metrics"] for row in read_summary(workdir / "run")["stages"]}
+    assert list(rows) == ["fp32", "ptq_int8", "ptq_int4", "qat_int4"]
+    assert rows["ptq_int8"]["size_bytes"] < 0.35 * rows["fp32"]["size_bytes"]
+    assert rows["ptq_int4"]["size_bytes"] < rows["ptq_int8"]["size_bytes"]
+    assert "x86_dynamic" in rows["ptq_int8"]["backend"] and "weight_only int4" in rows["ptq_int4"]["backend"]
+    code = (
+        "import json, sys; from pathlib import Path; from effitrain.pipeline import load_run_model; "
+        "model, data = load_run_model(Path('run'), 'ptq_int8'); "
+        "from effitrain.measure import evaluate; from effitrain.precision import build_precision; import torch; "
+        "print(json.dumps(evaluate(model, data.test, build_precision('fp32', torch.device('cpu')), keep_predictions=True)))"
+    )
+    fresh = subprocess.run([sys.executable, "-c", code], cwd=workdir, capture_output=True, text=True, timeout=300)
+    assert fresh.returncode == 0, fresh.stderr[-3000:]
+    scores = json.loads(fresh.stdout.strip().splitlines()[-1])
+    assert scores["accuracy"] == rows["ptq_int8"]["accuracy"]
+    saved = json.loads((workdir / "run" / "predictions" / "ptq_int8.json").read_text())
+    assert scores["predictions"] == saved["predictions"]
+
+
+BAD = [
+    ("stage.ptq_int4.bits=3", "stage.ptq_int4.bits = 3 is not allowed (allowed: 4, 8)"),
+    ("stage.ptq_int4.backend=x86_dynamic", "stage.ptq_int4.backend = 'x86_dynamic' needs bits = 8"),
+    ("stage.ptq_int8.backend=tensorrt", "stage.ptq_int8.backend = 'tensorrt' is not allowed (allowed: auto, weight_only, x86_dynamic)"),
+    ("stage.ptq_int8.source=nope", "stage.ptq_int8.source = 'nope': no such earlier stage (allowed: fp32)"),
+]
+
+
+@pytest.mark.parametrize("override,message", BAD, ids=[case[0] for case in BAD])
+def test_bad_quant_input_is_one_line_and_no_run_folder(workdir: Path, override: str, message: str) -> None:
+    result = run_cli("run", "recipe=quantize_digits", *TINY, override, cwd=workdir)
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert result.stderr.strip().splitlines() == [result.stderr.strip()], result.stderr
+    assert message in result.stderr
+    assert not (workdir / "outputs").exists()
