@@ -22,10 +22,12 @@ from torch import Tensor, nn
 from effitrain.errors import ConfigError
 from effitrain.quant.affine import choose_qparams, dequantize, fake_quantize, pack, quantize, unpack
 
-QUANTIZABLE = (nn.Linear, nn.Conv1d, nn.Conv2d)
+QUANTIZABLE = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Embedding)
 
 
 def _conv_args(layer: nn.Module) -> dict[str, Any]:
+    if isinstance(layer, nn.Embedding):
+        return {"padding_idx": layer.padding_idx}
     return {key: getattr(layer, key) for key in ("stride", "padding", "dilation", "groups")} if not isinstance(layer, nn.Linear) else {}
 
 
@@ -44,13 +46,16 @@ class QuantizedWeight(nn.Module):
         super().__init__()
         self.kind, self.bits, self.scheme, self.per_channel = type(layer).__name__, bits, scheme, per_channel
         self.shape = tuple(layer.weight.shape)
+        if self.kind == "Embedding" and bits == 4 and self.shape[1] % 2:
+            raise ConfigError(f"int4 embeddings need an even width (this one is {self.shape[1]}); use bits 8 or skip it")
         self.conv = _conv_args(layer)
         scale, zero_point = choose_qparams(layer.weight, bits, scheme, per_channel)
         levels = quantize(layer.weight.detach().float(), scale, zero_point, bits, scheme)
         self.register_buffer("packed", pack(levels, bits, scheme))
         self.register_buffer("scale", scale.float())
         self.register_buffer("zero_point", zero_point.to(torch.int16 if bits == 8 else torch.int8))
-        self.bias = nn.Parameter(layer.bias.detach().clone(), requires_grad=False) if layer.bias is not None else None
+        bias = getattr(layer, "bias", None)
+        self.bias = nn.Parameter(bias.detach().clone(), requires_grad=False) if bias is not None else None
 
     def weight_counts(self) -> tuple[int, int]:
         """(weights, non-zero weights) held as integers (for the ledger's params columns)."""
@@ -61,6 +66,13 @@ class QuantizedWeight(nn.Module):
         return dequantize(unpack(self.packed, self.bits, self.scheme, self.shape), self.scale, self.zero_point.float())
 
     def forward(self, inputs: Tensor) -> Tensor:
+        if self.kind == "Embedding":  # dequantize only the rows looked up
+            rows = self.packed.view(self.shape[0], -1)[inputs]
+            width = self.shape[1]
+            levels = unpack(rows.reshape(-1), self.bits, self.scheme, (*inputs.shape, width))
+            scale = self.scale.reshape(-1)[inputs].unsqueeze(-1) if self.per_channel else self.scale
+            zero_point = self.zero_point.reshape(-1)[inputs].unsqueeze(-1) if self.per_channel else self.zero_point
+            return dequantize(levels, scale, zero_point.float())
         return _run(self.kind, inputs, self.weight().to(inputs.dtype), self.bias, self.conv)
 
     def extra_repr(self) -> str:

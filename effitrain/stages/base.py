@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Optional
 
 import torch
 from hydra.utils import instantiate
@@ -92,6 +93,25 @@ class Stage:
     def load_model(self, model: nn.Module, path: Path) -> nn.Module:
         """Load what `save_model` wrote into `model` (a completed stage, on resume)."""
         return load_weights(model, path)
+
+
+@dataclass
+class FromSource:
+    """Mixin for stages that may start from an earlier stage's model instead of the incoming one.
+
+    Fields:
+        source: the earlier stage whose model (a copy) this stage starts from (null: incoming).
+    """
+
+    source: Optional[str] = None
+
+    def check_source(self, cfg: DictConfig, name: str) -> None:
+        earlier = list(cfg.stage)[: list(cfg.stage).index(name)]
+        if self.source is not None and self.source not in earlier:
+            raise ConfigError(f"stage.{name}.source = {self.source!r}: no such earlier stage (allowed: {', '.join(earlier) or 'none'})")
+
+    def start_from(self, model: nn.Module, ctx: Context) -> nn.Module:
+        return copy.deepcopy(ctx.models[self.source]) if self.source is not None else model
 
 
 def build_stage(name: str, stage_cfg: DictConfig) -> Stage:

@@ -12,7 +12,6 @@ weight_only for everything else (convolutions; int4; GPUs).
 
 from __future__ import annotations
 
-import copy
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import List, Optional
@@ -25,7 +24,7 @@ from effitrain.checkpoint import load_weights
 from effitrain.errors import ConfigError
 from effitrain.quant.affine import SCHEMES, check_bits
 from effitrain.quant.modules import DynamicInt8Linear, FakeQuant, QuantizedWeight, replace_layers, select_layers, unwrap_fake_quant
-from effitrain.stages.base import Context, Stage
+from effitrain.stages.base import Context, FromSource, Stage
 from effitrain.stages.train import TrainingStage, make_trainer
 
 BACKENDS = ("auto", "weight_only", "x86_dynamic")
@@ -50,7 +49,6 @@ class QuantSettings:
         granularity: per_channel | per_tensor (weights).
         backend: auto | weight_only | x86_dynamic (see the module docstring).
         skip: module-name patterns left in float (e.g. the first conv).
-        source: quantize the model of this earlier stage instead of the incoming one (null: incoming).
     """
 
     bits: int = 8
@@ -58,7 +56,6 @@ class QuantSettings:
     granularity: str = "per_channel"
     backend: str = "auto"
     skip: List[str] = field(default_factory=list)
-    source: Optional[str] = None
 
     def check_quant(self) -> None:
         check_bits(self.bits, "bits")
@@ -67,14 +64,6 @@ class QuantSettings:
                 raise ConfigError(f"{key} = {getattr(self, key)!r} is not allowed (allowed: {', '.join(allowed)})")
         if self.backend == "x86_dynamic" and self.bits != 8:
             raise ConfigError(f"backend = 'x86_dynamic' needs bits = 8 (allowed with bits = {self.bits}: weight_only, auto)")
-
-    def check_source(self, cfg: DictConfig, name: str) -> None:
-        earlier = list(cfg.stage)[: list(cfg.stage).index(name)]
-        if self.source is not None and self.source not in earlier:
-            raise ConfigError(f"stage.{name}.source = {self.source!r}: no such earlier stage (allowed: {', '.join(earlier) or 'none'})")
-
-    def start_from(self, model: nn.Module, ctx: Context) -> nn.Module:
-        return copy.deepcopy(ctx.models[self.source]) if self.source is not None else model
 
     def convert(self, model: nn.Module, device: torch.device, where: str) -> str:
         """Replace the chosen layers by quantized ones in place; return the backend description."""
@@ -102,7 +91,7 @@ class QuantSettings:
 
 
 @dataclass
-class Quantize(Stage, QuantSettings):
+class Quantize(Stage, QuantSettings, FromSource):
     """Post-training quantization of the weights (see the module docstring for backends)."""
 
     kind = "quantize"
@@ -128,7 +117,7 @@ class Quantize(Stage, QuantSettings):
 
 
 @dataclass
-class QAT(TrainingStage, QuantSettings):
+class QAT(TrainingStage, QuantSettings, FromSource):
     """Quantization-aware training: fake-quantized weights (and optionally 8-bit inputs) with
     straight-through gradients, trained by the ordinary trainer, then converted like `quantize`.
 

@@ -1,0 +1,1 @@
+"""Compression beside pruning and quantization: low-rank factorisation and weight clustering."""

@@ -1,0 +1,70 @@
+"""Weight clustering (k-means weight sharing, Han et al. 2016 "Deep Compression"): each layer's
+weights are replaced by the nearest of k shared centroids, stored as a k-entry codebook plus
+one index per weight (uint8, or two 4-bit indices per byte when k <= 16). The codebook is a
+parameter: fine-tuning moves the centroids with the summed gradient of their weights.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from effitrain.errors import ConfigError
+
+
+def kmeans_1d(values: np.ndarray, k: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Centroids (sorted) and labels of 1-D k-means, initialised linearly over the range (Han et al.)."""
+    from sklearn.cluster import KMeans
+
+    k = min(k, len(np.unique(values)))
+    init = np.linspace(values.min(), values.max(), k).reshape(-1, 1)
+    fit = KMeans(n_clusters=k, init=init, n_init=1, random_state=seed).fit(values.reshape(-1, 1))
+    order = np.argsort(fit.cluster_centers_.ravel())
+    remap = np.empty_like(order)
+    remap[order] = np.arange(k)
+    return fit.cluster_centers_.ravel()[order], remap[fit.labels_]
+
+
+class ClusteredWeight(nn.Module):
+    """A Linear/Conv layer whose weight is codebook[indices]."""
+
+    def __init__(self, layer: nn.Module, k: int, seed: int = 0) -> None:
+        super().__init__()
+        if not 2 <= k <= 256:
+            raise ConfigError(f"clusters = {k} is not allowed (allowed: an integer in [2, 256])")
+        self.kind = type(layer).__name__
+        self.shape = tuple(layer.weight.shape)
+        self.conv = {key: getattr(layer, key) for key in ("stride", "padding", "dilation", "groups")} if self.kind != "Linear" else {}
+        centroids, labels = kmeans_1d(layer.weight.detach().cpu().float().numpy().ravel(), k, seed)
+        self.codebook = nn.Parameter(torch.tensor(centroids, dtype=torch.float32, device=layer.weight.device))
+        self.bits = 4 if k <= 16 else 8
+        indices = torch.tensor(labels, dtype=torch.uint8)
+        if self.bits == 4:
+            if indices.numel() % 2:
+                indices = torch.cat([indices, indices.new_zeros(1)])
+            indices = indices[0::2] | (indices[1::2] << 4)
+        self.register_buffer("indices", indices.to(layer.weight.device))
+        self.bias = nn.Parameter(layer.bias.detach().clone()) if getattr(layer, "bias", None) is not None else None
+
+    def index_tensor(self) -> Tensor:
+        count = int(np.prod(self.shape))
+        if self.bits == 8:
+            return self.indices.long()[:count]
+        return torch.stack([self.indices & 0x0F, self.indices >> 4], dim=1).flatten()[:count].long()
+
+    def weight(self) -> Tensor:
+        return self.codebook[self.index_tensor()].reshape(self.shape)
+
+    def weight_counts(self) -> tuple[int, int]:
+        weight = self.weight()
+        return weight.numel(), int(torch.count_nonzero(weight))
+
+    def forward(self, inputs: Tensor) -> Tensor:
+        weight = self.weight()
+        if self.kind == "Linear":
+            return F.linear(inputs, weight, self.bias)
+        if self.kind == "Conv1d":
+            return F.conv1d(inputs, weight, self.bias, **self.conv)
+        return F.conv2d(inputs, weight, self.bias, **self.conv)
