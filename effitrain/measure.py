@@ -65,13 +65,17 @@ def count_parameters(model: nn.Module) -> tuple[int, int]:
 
 
 def sparsity(model: nn.Module) -> float:
-    """Fraction of exactly-zero weights in the prunable layers (Linear and Conv weights)."""
+    """Fraction of exactly-zero weights in the prunable layers (Linear and Conv weights, also
+    when quantized or clustered)."""
     total, zeros = 0, 0
     for module in model.modules():
         weight = getattr(module, "weight", None)
         if isinstance(module, PRUNABLE) and isinstance(weight, torch.Tensor):
             total += weight.numel()
             zeros += int((weight == 0).sum())
+        elif hasattr(module, "weight_counts") and getattr(module, "kind", "") != "Embedding":  # quantized/clustered layers keep their zeros
+            count, nonzero = module.weight_counts()
+            total, zeros = total + count, zeros + count - nonzero
     return zeros / total if total else 0.0
 
 

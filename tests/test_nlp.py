@@ -88,7 +88,7 @@ def test_distill_bert_recipe_end_to_end_on_a_tiny_bert(tiny_bert_dir, workdir) -
     (run_dir,) = run_dirs(workdir)
     summary = read_summary(run_dir)
     rows = {row["name"]: row["metrics"] for row in summary["stages"]}
-    assert list(rows) == ["teacher", "student", "evaluate"]
+    assert list(rows) == ["teacher", "student", "int8"]
     assert rows["student"]["params"] < rows["teacher"]["params"]
     assert rows["student"]["teacher_accuracy"] == [pytest.approx(rows["teacher"]["accuracy"])]
     assert (run_dir / "predictions" / "student.json").is_file()

@@ -137,7 +137,8 @@ class DynamicInt8Linear(nn.Module):
         scale, _ = choose_qparams(weight, 8, "symmetric", per_channel=True)
         self.register_buffer("qweight", quantize(weight, scale, torch.zeros_like(scale), 8, "symmetric").to(torch.int8))
         self.register_buffer("scale", scale.flatten().double())
-        self.register_buffer("bias", layer.bias.detach().float().clone() if layer.bias is not None else torch.zeros(weight.shape[0]))
+        bias = layer.bias.detach().float().clone() if layer.bias is not None else torch.zeros(weight.shape[0])
+        self.bias = nn.Parameter(bias, requires_grad=False)
         self.in_features, self.out_features = layer.in_features, layer.out_features
         self._kernel: list[nn.Module] = []  # a plain list: the packed kernel is rebuilt, never saved
 
@@ -155,7 +156,7 @@ class DynamicInt8Linear(nn.Module):
             qweight = torch._make_per_channel_quantized_tensor(
                 self.qweight.cpu(), self.scale.cpu(), torch.zeros_like(self.scale, dtype=torch.int64).cpu(), 0
             )
-            kernel.set_weight_bias(qweight, self.bias.cpu())
+            kernel.set_weight_bias(qweight, self.bias.detach().cpu())
         return kernel
 
     def _load_from_state_dict(self, *args: Any, **kwargs: Any) -> None:
