@@ -52,15 +52,33 @@ def evaluate(model: nn.Module, loader: Iterable, precision: PrecisionPolicy, kee
     return scores
 
 
+def _integer_weights(module: nn.Module) -> tuple[int, int] | None:
+    """(weights, non-zero) of a layer that holds its weight as integers, else None: effitrain's
+    quantized/clustered layers (`weight_counts()`) and torch.ao's int8 modules (`weight()`)."""
+    if hasattr(module, "weight_counts"):
+        return module.weight_counts()
+    weight = getattr(module, "weight", None)
+    if callable(weight) and not isinstance(module, nn.Embedding) and type(module).__module__.startswith("torch.ao.nn."):
+        value = weight()
+        if isinstance(value, torch.Tensor) and value.is_quantized:
+            levels = value.int_repr()
+            return levels.numel(), int(torch.count_nonzero(levels))
+    return None
+
+
 def count_parameters(model: nn.Module) -> tuple[int, int]:
     """Return (parameters, non-zero parameters), counting tied parameters once and quantized
     weights (held as integer buffers by modules with `weight_counts()`) as parameters."""
     params = list(model.parameters())
     total, nonzero = sum(p.numel() for p in params), sum(int(torch.count_nonzero(p)) for p in params)
     for module in model.modules():
-        if hasattr(module, "weight_counts"):
-            count, count_nonzero = module.weight_counts()
-            total, nonzero = total + count, nonzero + count_nonzero
+        counts = _integer_weights(module)
+        if counts is not None:
+            total, nonzero = total + counts[0], nonzero + counts[1]
+        if type(module).__module__.startswith("torch.ao.nn.") and hasattr(module, "bias") and callable(module.bias):
+            bias = module.bias()
+            if isinstance(bias, torch.Tensor):
+                total, nonzero = total + bias.numel(), nonzero + int(torch.count_nonzero(bias))
     return total, nonzero
 
 
@@ -73,9 +91,8 @@ def sparsity(model: nn.Module) -> float:
         if isinstance(module, PRUNABLE) and isinstance(weight, torch.Tensor):
             total += weight.numel()
             zeros += int((weight == 0).sum())
-        elif hasattr(module, "weight_counts") and getattr(module, "kind", "") != "Embedding":  # quantized/clustered layers keep their zeros
-            count, nonzero = module.weight_counts()
-            total, zeros = total + count, zeros + count - nonzero
+        elif getattr(module, "kind", "") != "Embedding" and (counts := _integer_weights(module)) is not None:
+            total, zeros = total + counts[0], zeros + counts[0] - counts[1]  # quantized/clustered layers keep their zeros
     return zeros / total if total else 0.0
 
 

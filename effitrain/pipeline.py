@@ -110,7 +110,7 @@ def run(cfg: DictConfig, run_dir: Path, recipe: str) -> float:
         model = build_model(cfg.model).to(device)
         example = data.example_batch(cfg.measure.batch_size)
         for index, (name, stage) in enumerate(stages.items()):
-            model_file = run_dir / "checkpoints" / f"{index:02d}_{name}.safetensors"
+            model_file = run_dir / "checkpoints" / f"{index:02d}_{name}{stage.model_suffix}"
             ctx.stage_name = name
             model = stage.prepare(model, ctx)
             if name in ledger.completed:
@@ -186,7 +186,7 @@ def load_run_model(run_dir: Path, stage: str | None = None) -> tuple[Any, Any]:
         model = build_model(cfg.model).to(precision.device)
         for index, (name, step) in enumerate(stages.items()):
             ctx.stage_name = name
-            model = step.load_model(step.prepare(model, ctx), run_dir / "checkpoints" / f"{index:02d}_{name}.safetensors")
+            model = step.load_model(step.prepare(model, ctx), run_dir / "checkpoints" / f"{index:02d}_{name}{step.model_suffix}")
             ctx.models[name] = model
             if name == stage:
                 break

@@ -23,6 +23,15 @@ def run_cli(*args: str, cwd: Path, timeout: float = 240) -> subprocess.Completed
     )
 
 
+def assert_refused(result: subprocess.CompletedProcess, message: str, workdir: Path) -> None:
+    """Bad input: exit code 2, one line on stderr containing `message`, no traceback, no run folder."""
+    assert result.returncode == 2, result.stderr
+    assert result.stderr.strip().splitlines() == [result.stderr.strip()], result.stderr  # one line
+    assert message in result.stderr
+    assert "Traceback" not in result.stderr + result.stdout
+    assert not (workdir / "outputs").exists()
+
+
 def read_summary(run_dir: Path) -> dict:
     return json.loads((run_dir / "summary.json").read_text())
 

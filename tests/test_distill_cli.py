@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import read_summary, run_cli, run_dirs
+from conftest import assert_refused, read_summary, run_cli, run_dirs
 
 TINY_DIGITS = ["data=synthetic", "trainer.max_epochs=2", "measure.repeats=10", "measure.warmup=1"]
 
@@ -52,10 +52,7 @@ BAD = [
 @pytest.mark.parametrize("override,message", BAD, ids=[case[0] for case in BAD])
 def test_bad_distill_input_is_one_line_and_no_run_folder(workdir: Path, override: str, message: str) -> None:
     result = run_cli("run", "recipe=distill_digits", *TINY_DIGITS, override, cwd=workdir)
-    assert result.returncode == 2
-    assert result.stderr.strip().splitlines() == [result.stderr.strip()], result.stderr
-    assert message in result.stderr
-    assert not (workdir / "outputs").exists()
+    assert_refused(result, message, workdir)
 
 
 def test_unknown_feature_layer_stops_before_training_with_valid_names(workdir: Path) -> None:

@@ -20,7 +20,7 @@ from effitrain.prune.structured import prune_channels, shrink_to
 from effitrain.runlog import RunLogger
 from effitrain.trainer import Trainer, TrainerSettings
 
-from conftest import read_summary, run_cli, run_dirs
+from conftest import assert_refused, read_summary, run_cli, run_dirs
 
 
 def make_trainer(folder: Path, hook: MaskHook, epochs: int = 2) -> Trainer:
@@ -197,10 +197,7 @@ BAD = [
 @pytest.mark.parametrize("override,message", BAD, ids=[case[0] for case in BAD])
 def test_bad_prune_input_is_one_line_and_no_run_folder(workdir: Path, override: str, message: str) -> None:
     result = run_cli("run", "recipe=prune_gradual_digits", *TINY, override, cwd=workdir)
-    assert result.returncode == 2 and "Traceback" not in result.stderr
-    assert result.stderr.strip().splitlines() == [result.stderr.strip()], result.stderr
-    assert message in result.stderr
-    assert not (workdir / "outputs").exists()
+    assert_refused(result, message, workdir)
 
 
 def test_unknown_module_pattern_is_one_line(workdir: Path) -> None:

@@ -86,6 +86,11 @@ class Stage:
         """Do the stage's work on `model` and return the resulting model."""
         raise NotImplementedError
 
+    @property
+    def model_suffix(self) -> str:
+        """File suffix of the saved model (a stage saving another format overrides it)."""
+        return ".safetensors"
+
     def save_model(self, model: nn.Module, path: Path) -> None:
         """Save the stage's resulting model (its size is the ledger's size_bytes)."""
         save_weights(model, path)
@@ -96,8 +101,9 @@ class Stage:
 
 
 @dataclass
-class FromSource:
-    """Mixin for stages that may start from an earlier stage's model instead of the incoming one.
+class FromSource(Stage):
+    """Mixin (list it first among the bases) for stages that may start from an earlier stage's
+    model instead of the incoming one.
 
     Fields:
         source: the earlier stage whose model (a copy) this stage starts from (null: incoming).
@@ -105,12 +111,13 @@ class FromSource:
 
     source: Optional[str] = None
 
-    def check_source(self, cfg: DictConfig, name: str) -> None:
+    def check(self, cfg: DictConfig, name: str) -> None:
+        super().check(cfg, name)
         earlier = list(cfg.stage)[: list(cfg.stage).index(name)]
         if self.source is not None and self.source not in earlier:
             raise ConfigError(f"stage.{name}.source = {self.source!r}: no such earlier stage (allowed: {', '.join(earlier) or 'none'})")
 
-    def start_from(self, model: nn.Module, ctx: Context) -> nn.Module:
+    def prepare(self, model: nn.Module, ctx: Context) -> nn.Module:
         return copy.deepcopy(ctx.models[self.source]) if self.source is not None else model
 
 

@@ -7,7 +7,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import List, Optional
 
-from omegaconf import DictConfig
 from safetensors import safe_open
 from torch import nn
 
@@ -21,7 +20,7 @@ from effitrain.stages.train import TrainingStage, make_trainer
 
 
 @dataclass
-class LowRank(TrainingStage, FromSource):
+class LowRank(FromSource, TrainingStage):
     """Truncated-SVD factorisation of Linear and 1x1 Conv layers.
 
     Fields:
@@ -45,13 +44,6 @@ class LowRank(TrainingStage, FromSource):
             if value is not None and not 0 < value <= 1:
                 raise ConfigError(f"{key} = {value} is not allowed (allowed: a number in (0, 1])")
 
-    def check(self, cfg: DictConfig, name: str) -> None:
-        super().check(cfg, name)
-        self.check_source(cfg, name)
-
-    def prepare(self, model: nn.Module, ctx: Context) -> nn.Module:
-        return self.start_from(model, ctx)
-
     def run(self, name: str, model: nn.Module, ctx: Context) -> nn.Module:
         names = select_layers(model, self.skip, f"stage.{name}.skip", types=(nn.Linear, nn.Conv2d))
         modules = dict(model.named_modules())
@@ -72,7 +64,7 @@ class LowRank(TrainingStage, FromSource):
 
 
 @dataclass
-class Cluster(TrainingStage, FromSource):
+class Cluster(FromSource, TrainingStage):
     """k-means weight sharing per layer (codebook + indices), optionally fine-tuning the centroids.
 
     Fields:
@@ -94,13 +86,9 @@ class Cluster(TrainingStage, FromSource):
         names = select_layers(model, self.skip, where, types=(nn.Linear, nn.Conv1d, nn.Conv2d))
         replace_layers(model, names, lambda layer: ClusteredWeight(layer, self.clusters, seed))
 
-    def check(self, cfg: DictConfig, name: str) -> None:
-        super().check(cfg, name)
-        self.check_source(cfg, name)
-
     def prepare(self, model: nn.Module, ctx: Context) -> nn.Module:
         self._seed = ctx.cfg.seed
-        return self.start_from(model, ctx)
+        return super().prepare(model, ctx)
 
     def run(self, name: str, model: nn.Module, ctx: Context) -> nn.Module:
         self._cluster(model, f"stage.{name}.skip", ctx.cfg.seed)

@@ -6,6 +6,9 @@ Backends, chosen per device and recorded in the ledger row (`backend`):
   paths were 24x and 1/0.87x slower there, so they are not used on the CPU).
 - `weight_only`: integer weights stored packed (int8, or two int4 per byte), dequantized in
   the forward pass: files shrink 4x/8x, compute stays float (any device, any bit width here).
+- `x86_static`: torch.ao FX static int8 with calibration (observers minmax | moving_average |
+  histogram over `calibration_batches` training batches): int8 convolutions and Linear layers
+  with int8 activations (CPU, traceable models; `quant/static.py`).
 `auto` uses x86_dynamic for Linear layers at 8 bits on a CPU with the x86 engine and
 weight_only for everything else (convolutions; int4; GPUs).
 """
@@ -17,17 +20,17 @@ from pathlib import Path
 from typing import List, Optional
 
 import torch
-from omegaconf import DictConfig
 from torch import nn
 
 from effitrain.checkpoint import load_weights
 from effitrain.errors import ConfigError
+from effitrain.quant import static
 from effitrain.quant.affine import SCHEMES, check_bits
 from effitrain.quant.modules import DynamicInt8Linear, FakeQuant, QuantizedWeight, replace_layers, select_layers, unwrap_fake_quant
-from effitrain.stages.base import Context, FromSource, Stage
+from effitrain.stages.base import Context, FromSource
 from effitrain.stages.train import TrainingStage, make_trainer
 
-BACKENDS = ("auto", "weight_only", "x86_dynamic")
+BACKENDS = ("auto", "weight_only", "x86_dynamic", "x86_static")
 GRANULARITIES = ("per_channel", "per_tensor")
 
 
@@ -35,7 +38,7 @@ def available_backends(device: torch.device, bits: int) -> list[str]:
     """Backends that can run on `device` at `bits`."""
     found = ["weight_only"]
     if device.type == "cpu" and bits == 8 and "x86" in torch.backends.quantized.supported_engines:
-        found.append("x86_dynamic")
+        found += ["x86_dynamic", "x86_static"]
     return found
 
 
@@ -62,8 +65,8 @@ class QuantSettings:
         for key, allowed in (("scheme", SCHEMES), ("granularity", GRANULARITIES), ("backend", BACKENDS)):
             if getattr(self, key) not in allowed:
                 raise ConfigError(f"{key} = {getattr(self, key)!r} is not allowed (allowed: {', '.join(allowed)})")
-        if self.backend == "x86_dynamic" and self.bits != 8:
-            raise ConfigError(f"backend = 'x86_dynamic' needs bits = 8 (allowed with bits = {self.bits}: weight_only, auto)")
+        if self.backend in ("x86_dynamic", "x86_static") and self.bits != 8:
+            raise ConfigError(f"backend = {self.backend!r} needs bits = 8 (allowed with bits = {self.bits}: weight_only, auto)")
 
     def convert(self, model: nn.Module, device: torch.device, where: str) -> str:
         """Replace the chosen layers by quantized ones in place; return the backend description."""
@@ -91,33 +94,64 @@ class QuantSettings:
 
 
 @dataclass
-class Quantize(Stage, QuantSettings, FromSource):
-    """Post-training quantization of the weights (see the module docstring for backends)."""
+class Quantize(FromSource, QuantSettings):
+    """Post-training quantization (see the module docstring for backends).
+
+    Fields:
+        calibration_batches: x86_static: training batches the observers see (>= 1).
+        observer: x86_static: activation range observer, minmax | moving_average | histogram.
+    """
 
     kind = "quantize"
+    calibration_batches: int = 8
+    observer: str = "histogram"
 
     def __post_init__(self) -> None:
         self.check_quant()
-
-    def check(self, cfg: DictConfig, name: str) -> None:
-        self.check_source(cfg, name)
+        if self.observer not in static.OBSERVERS:
+            raise ConfigError(f"observer = {self.observer!r} is not allowed (allowed: {', '.join(static.OBSERVERS)})")
+        if self.backend == "x86_static" and self.calibration_batches < 1:
+            raise ConfigError(f"calibration_batches = {self.calibration_batches} is not allowed (allowed: an integer >= 1: observers need data)")
 
     def prepare(self, model: nn.Module, ctx: Context) -> nn.Module:
-        return self.start_from(model, ctx)
+        self._example = ctx.data.example_batch(2)
+        return super().prepare(model, ctx)
 
     def run(self, name: str, model: nn.Module, ctx: Context) -> nn.Module:
-        if sum(p.numel() for p in model.parameters()) == 0 and not list(model.buffers()):
-            raise ConfigError(f"stage.{name}: the model is empty; nothing to quantize")
-        ctx.extra["backend"] = self.convert(model, ctx.device, f"stage.{name}")
+        where = f"stage.{name}"
+        if sum(p.numel() for p in model.parameters()) == 0:
+            raise ConfigError(f"{where}: the model is empty; nothing to quantize")
+        if self.backend == "x86_static":
+            available = available_backends(ctx.device, self.bits)
+            if "x86_static" not in available:
+                raise ConfigError(f"{where}.backend = 'x86_static' is not available on {ctx.device.type} (available: {', '.join(available)})")
+            select_layers(model, self.skip, f"{where}.skip")
+            model = static.quantize_static(model, self._example, ctx.data.train, self.calibration_batches, self.observer,
+                                           self.granularity == "per_channel", where)
+            ctx.extra["backend"] = f"x86_static int8 ({self.observer}, {self.calibration_batches} batches)"
+            return model
+        ctx.extra["backend"] = self.convert(model, ctx.device, where)
         return model
 
+    @property
+    def model_suffix(self) -> str:
+        return ".pt" if self.backend == "x86_static" else ".safetensors"  # torch.load picks its reader by suffix
+
+    def save_model(self, model: nn.Module, path: Path) -> None:
+        if self.backend == "x86_static":
+            static.save(model, path)
+        else:
+            super().save_model(model, path)
+
     def load_model(self, model: nn.Module, path: Path) -> nn.Module:
+        if self.backend == "x86_static":
+            return static.rebuild(model, self._example, self.observer, self.granularity == "per_channel", path)
         self.convert(model, next(model.parameters()).device, "resume")
         return load_weights(model, path)
 
 
 @dataclass
-class QAT(TrainingStage, QuantSettings, FromSource):
+class QAT(FromSource, TrainingStage, QuantSettings):
     """Quantization-aware training: fake-quantized weights (and optionally 8-bit inputs) with
     straight-through gradients, trained by the ordinary trainer, then converted like `quantize`.
 
@@ -131,15 +165,10 @@ class QAT(TrainingStage, QuantSettings, FromSource):
 
     def __post_init__(self) -> None:
         self.check_quant()
+        if self.backend == "x86_static":
+            raise ConfigError("backend = 'x86_static' is not allowed for qat (allowed: auto, weight_only, x86_dynamic)")
         if self.activation_bits not in (None, 8):
             raise ConfigError(f"activation_bits = {self.activation_bits} is not allowed (allowed: null, 8)")
-
-    def check(self, cfg: DictConfig, name: str) -> None:
-        super().check(cfg, name)
-        self.check_source(cfg, name)
-
-    def prepare(self, model: nn.Module, ctx: Context) -> nn.Module:
-        return self.start_from(model, ctx)
 
     def run(self, name: str, model: nn.Module, ctx: Context) -> nn.Module:
         names = select_layers(model, self.skip, f"stage.{name}.skip")
