@@ -141,3 +141,11 @@ BAD = [
 def test_bad_quant_input_is_one_line_and_no_run_folder(workdir: Path, override: str, message: str) -> None:
     result = run_cli("run", "recipe=quantize_digits", *TINY, override, cwd=workdir)
     assert_refused(result, message, workdir)
+
+
+def test_a_backend_missing_on_the_device_names_the_available_ones() -> None:
+    from effitrain.stages.quantize import QuantSettings, available_backends
+
+    assert available_backends(torch.device("cuda"), 8) == ["weight_only"]
+    with pytest.raises(ConfigError, match=r"stage.q.backend = 'x86_dynamic' is not available on cuda at 8 bits \(available: weight_only\)"):
+        QuantSettings(bits=8, backend="x86_dynamic").convert(SmallCNN((1, 8, 8), 10), torch.device("cuda"), "stage.q")
