@@ -44,3 +44,8 @@ def run_dirs(root: Path) -> list[Path]:
 @pytest.fixture
 def workdir(tmp_path: Path) -> Path:
     return tmp_path
+
+
+def negative_magnitude(name: str, weight):
+    """A user saliency for tests (effitrain's `saliency: conftest.negative_magnitude`): cut the largest."""
+    return -weight.abs()

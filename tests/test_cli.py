@@ -11,6 +11,8 @@ from pathlib import Path
 
 import pytest
 
+from effitrain.config import recipe_files
+
 from conftest import assert_refused, TINY, read_summary, run_cli, run_dirs
 
 
@@ -94,7 +96,7 @@ BAD_INPUTS = [
     ("trainer.max_epochs=abc", "trainer.max_epochs: Value 'abc' of type 'str' could not be converted to Integer"),
     ("trainer.foo=1", "trainer.foo: no such key here (to add a new key on purpose: +trainer.foo=1)"),
     ("model=nope", "model=nope: no such option in group 'model' (allowed: bert, cnn, mlp, torchvision)"),
-    ("recipe=nope", "recipe=nope: no such option in group 'recipe' (allowed: baseline, codistill_digits, distill_bert, distill_digits, prune_bert, prune_gradual_digits, prune_rigl_digits, prune_structured_digits, quickstart)"),
+    ("recipe=nope", f"recipe=nope: no such option in group 'recipe' (allowed: {', '.join(sorted(recipe_files()))})"),
     ("precision=fp16", "precision=fp16 needs a CUDA device, this run is on cpu"),
     ("precision=fp8", "precision=fp8: no such option in group 'precision' (allowed: auto, bf16, fp16, fp32)"),
     ("stage.train.trainer.max_epochs=0", "stage.train.trainer.max_epochs = 0 is not allowed"),

@@ -154,7 +154,7 @@ def test_teacher_sources(tmp_path) -> None:
     assert all(torch.equal(a, b) for a, b in zip(loaded.state_dict().values(), trained.state_dict().values()))
     with pytest.raises(ConfigError, match=r"w = 'nope': no such teacher \(allowed: teacher, pretrained, a .safetensors file, a run folder\[:STAGE\]\)"):
         resolve_teacher("nope", earlier, None, build_model, "w")
-    with pytest.raises(ConfigError, match="is not an effitrain run folder"):
+    with pytest.raises(ConfigError, match=r"^w: .*: not an effitrain run folder \(no summary.json or .hydra/config.yaml\)"):
         resolve_teacher(str(tmp_path), earlier, None, build_model, "w")
 
 

@@ -22,6 +22,12 @@ def test_distill_digits_has_teacher_control_and_student_rows(workdir: Path) -> N
     assert rows["student"]["teacher_accuracy"] == [pytest.approx(rows["teacher"]["accuracy"])]
     assert {p.name for p in (run_dir / "predictions").iterdir()} == {f"{name}.json" for name in rows}
     assert "no_kd" in result.stdout + result.stderr  # the ledger table is printed
+    # the distilled student of that run teaches in another run (rebuilt from the run folder)
+    result = run_cli("run", "recipe=distill_digits", *TINY_DIGITS, "stage.no_kd.trainer.max_epochs=1", "stage.student.trainer.max_epochs=1",
+                     f"stage.student.teachers=[{run_dir}:student]", "hydra.run.dir=second", cwd=workdir)
+    assert result.returncode == 0, result.stderr[-3000:]
+    second = {row["name"]: row["metrics"] for row in read_summary(workdir / "second")["stages"]}
+    assert second["student"]["teacher_accuracy"] == [pytest.approx(rows["student"]["accuracy"])]
 
 
 def test_codistill_reports_churn_and_runs_compare(workdir: Path) -> None:

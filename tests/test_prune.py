@@ -204,3 +204,17 @@ def test_unknown_module_pattern_is_one_line(workdir: Path) -> None:
     result = run_cli("run", "recipe=prune_gradual_digits", *TINY, "stage.dense.trainer.max_epochs=1", "stage.pruned.overrides={conv9: 0, features.0: 0}", cwd=workdir)
     assert result.returncode == 2 and "Traceback" not in result.stderr
     assert "stage.pruned.overrides: pattern 'conv9' matches no prunable layer (prunable: features.0, features.4, classifier.1, classifier.4)" in result.stderr
+
+
+def test_user_saliency_by_dotted_path() -> None:
+    from effitrain.prune.masks import check_saliency
+
+    check_saliency("conftest.negative_magnitude", "s")
+    model = cnn()
+    names = list(prunable(model))
+    scores = saliency_scores(model, "conftest.negative_magnitude", names)
+    masks = magnitude_masks(scores, 0.5, {name: None for name in names}, "uniform")
+    weight, mask = prunable(model)["features.4"], masks["features.4"]
+    assert weight[mask].abs().max() <= weight[~mask].abs().min()  # the user's rule: the largest went
+    with pytest.raises(ConfigError, match=r"saliency = 'no.such.fn' is not allowed"):
+        check_saliency("no.such.fn", "saliency")

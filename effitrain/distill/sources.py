@@ -3,12 +3,10 @@
 from __future__ import annotations
 
 import copy
-import json
 from pathlib import Path
 from typing import Any, Callable
 
 import torch
-from omegaconf import OmegaConf
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset
 
@@ -18,29 +16,6 @@ from effitrain.data.bundle import SeededShuffle, _Transformed
 from effitrain.errors import ConfigError
 
 PRETRAINED = "pretrained"
-
-
-def run_checkpoint(run_dir: Path, stage: str | None, where: str) -> tuple[Path, Any]:
-    """The model file and model config of a finished stage in another run folder.
-
-    Args:
-        run_dir: an effitrain run folder (with summary.json and .hydra/config.yaml).
-        stage: the stage whose model to take; None takes the last completed stage.
-    """
-    summary_path, config_path = run_dir / "summary.json", run_dir / ".hydra" / "config.yaml"
-    if not summary_path.exists() or not config_path.exists():
-        raise ConfigError(f"{where}: {run_dir} is not an effitrain run folder (no summary.json or .hydra/config.yaml)")
-    stages = [row["name"] for row in json.loads(summary_path.read_text())["stages"]]
-    if not stages:
-        raise ConfigError(f"{where}: run {run_dir} has no completed stage")
-    if stage is None:
-        stage = stages[-1]
-    if stage not in stages:
-        raise ConfigError(f"{where}: run {run_dir} has no completed stage {stage!r} (allowed: {', '.join(stages)})")
-    files = sorted((run_dir / "checkpoints").glob(f"[0-9][0-9]_{stage}.safetensors"))
-    if not files:
-        raise ConfigError(f"{where}: run {run_dir} lists stage {stage!r} but its model file is missing from checkpoints/")
-    return files[0], OmegaConf.load(config_path).model
 
 
 def resolve_teacher(
@@ -55,8 +30,8 @@ def resolve_teacher(
     Args:
         source: the name of an earlier stage of this recipe; 'pretrained' (build `teacher_model`
             as configured, e.g. a pretrained transformer); a .safetensors file (weights for
-            `teacher_model`); or a run folder, optionally with ':STAGE' (that run's model and
-            weights; default its last completed stage).
+            `teacher_model`); or a run folder, optionally with ':STAGE' (that stage's model as
+            the run saved it, rebuilt by `load_run_model`; default its last completed stage).
         earlier: models of the stages already run, by name.
         teacher_model: the teacher's model config (for 'pretrained' and .safetensors files).
         build: builds a model from a config (on the run device).
@@ -75,8 +50,13 @@ def resolve_teacher(
         except RuntimeError as error:
             raise ConfigError(f"{where}: {path} does not fit the teacher model ({str(error).splitlines()[0][:300]})") from None
     if path.is_dir():
-        file, model_cfg = run_checkpoint(path, stage or None, where)
-        return load_weights(build(model_cfg), file)
+        from effitrain.pipeline import load_run_model  # the pipeline imports the stages that import this
+
+        try:
+            teacher, _ = load_run_model(path, stage or None)
+        except ConfigError as error:
+            raise ConfigError(f"{where}: {error}") from None
+        return teacher
     allowed = [*earlier, PRETRAINED, "a .safetensors file", "a run folder[:STAGE]"]
     raise ConfigError(f"{where} = {source!r}: no such teacher (allowed: {', '.join(allowed)})")
 
