@@ -43,7 +43,6 @@ def main() -> None:
         except ConfigError as error:
             print(f"skip {name}: {error}")
     speeds: dict[str, list[float]] = {name: [] for name in policies}
-    accuracy: dict[str, float] = {}
     with tempfile.TemporaryDirectory() as tmp:
         for round_index in range(args.rounds + 1):  # round 0 warms up kernels and is discarded
             for name in policies:

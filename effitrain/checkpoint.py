@@ -52,6 +52,14 @@ def load_weights(model: nn.Module, path: Path) -> nn.Module:
     return model
 
 
+def saved_shapes(path: Path) -> dict[str, tuple[int, ...]]:
+    """Tensor name → shape of a safetensors file, read from its header (no tensor is loaded)."""
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as handle:
+        return {key: tuple(handle.get_slice(key).get_shape()) for key in handle.keys()}
+
+
 def save_state(state: dict[str, Any], path: Path) -> None:
     """Save training state (optimizer, scheduler, RNG, counters) atomically with torch.save."""
     atomic_write(path, lambda temporary: torch.save(state, temporary))

@@ -56,6 +56,11 @@ def precision_from_config(cfg: DictConfig) -> PrecisionPolicy:
     )
 
 
+def model_file(run_dir: Path, index: int, name: str, stage: Stage) -> Path:
+    """Where stage number `index` (named `name`) of a run saves its resulting model."""
+    return run_dir / "checkpoints" / f"{index:02d}_{name}{stage.model_suffix}"
+
+
 def check(cfg: DictConfig) -> None:
     """Everything that can be checked before a run folder exists: config, stages, device,
     precision and the model (built once on the CPU and dropped). Data is checked when loaded.
@@ -110,20 +115,20 @@ def run(cfg: DictConfig, run_dir: Path, recipe: str) -> float:
         model = build_model(cfg.model).to(device)
         example = data.example_batch(cfg.measure.batch_size)
         for index, (name, stage) in enumerate(stages.items()):
-            model_file = run_dir / "checkpoints" / f"{index:02d}_{name}{stage.model_suffix}"
+            saved = model_file(run_dir, index, name, stage)
             ctx.stage_name = name
             model = stage.prepare(model, ctx)
             if name in ledger.completed:
-                model = stage.load_model(model, model_file)
-                log.info("[%s] already completed; loaded %s", name, model_file.name)
+                model = stage.load_model(model, saved)
+                log.info("[%s] already completed; loaded %s", name, saved.name)
             else:
                 ctx.extra = {}
                 started = time.perf_counter()
                 model = stage.run(name, model, ctx)
                 seconds = time.perf_counter() - started
-                stage.save_model(model, model_file)
+                stage.save_model(model, saved)
                 metrics = measure(
-                    model, data.test, example, precision, model_file,
+                    model, data.test, example, precision, saved,
                     warmup=cfg.measure.warmup, repeats=cfg.measure.repeats, threads=cfg.measure.threads,
                 )
                 write_predictions(run_dir / "predictions" / f"{name}.json", metrics.pop("labels"), metrics.pop("predictions"))
@@ -186,7 +191,7 @@ def load_run_model(run_dir: Path, stage: str | None = None) -> tuple[Any, Any]:
         model = build_model(cfg.model).to(precision.device)
         for index, (name, step) in enumerate(stages.items()):
             ctx.stage_name = name
-            model = step.load_model(step.prepare(model, ctx), run_dir / "checkpoints" / f"{index:02d}_{name}{step.model_suffix}")
+            model = step.load_model(step.prepare(model, ctx), model_file(run_dir, index, name, step))
             ctx.models[name] = model
             if name == stage:
                 break

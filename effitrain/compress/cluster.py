@@ -8,10 +8,11 @@ from __future__ import annotations
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from effitrain.errors import ConfigError
+from effitrain.quant.affine import pack, unpack
+from effitrain.quant.modules import conv_args, run_layer
 
 
 def kmeans_1d(values: np.ndarray, k: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
@@ -36,23 +37,16 @@ class ClusteredWeight(nn.Module):
             raise ConfigError(f"clusters = {k} is not allowed (allowed: an integer in [2, 256])")
         self.kind = type(layer).__name__
         self.shape = tuple(layer.weight.shape)
-        self.conv = {key: getattr(layer, key) for key in ("stride", "padding", "dilation", "groups")} if self.kind != "Linear" else {}
+        self.conv = conv_args(layer)
         centroids, labels = kmeans_1d(layer.weight.detach().cpu().float().numpy().ravel(), k, seed)
         self.codebook = nn.Parameter(torch.tensor(centroids, dtype=torch.float32, device=layer.weight.device))
         self.bits = 4 if k <= 16 else 8
-        indices = torch.tensor(labels, dtype=torch.uint8)
-        if self.bits == 4:
-            if indices.numel() % 2:
-                indices = torch.cat([indices, indices.new_zeros(1)])
-            indices = indices[0::2] | (indices[1::2] << 4)
-        self.register_buffer("indices", indices.to(layer.weight.device))
+        # indices are levels 0..k-1: packed like unsigned quantization levels (two per byte at 4 bits)
+        self.register_buffer("indices", pack(torch.tensor(labels, dtype=torch.int16), self.bits, "affine").to(layer.weight.device))
         self.bias = nn.Parameter(layer.bias.detach().clone()) if getattr(layer, "bias", None) is not None else None
 
     def index_tensor(self) -> Tensor:
-        count = int(np.prod(self.shape))
-        if self.bits == 8:
-            return self.indices.long()[:count]
-        return torch.stack([self.indices & 0x0F, self.indices >> 4], dim=1).flatten()[:count].long()
+        return unpack(self.indices, self.bits, "affine", (int(np.prod(self.shape)),)).long()
 
     def weight(self) -> Tensor:
         return self.codebook[self.index_tensor()].reshape(self.shape)
@@ -62,9 +56,4 @@ class ClusteredWeight(nn.Module):
         return weight.numel(), int(torch.count_nonzero(weight))
 
     def forward(self, inputs: Tensor) -> Tensor:
-        weight = self.weight()
-        if self.kind == "Linear":
-            return F.linear(inputs, weight, self.bias)
-        if self.kind == "Conv1d":
-            return F.conv1d(inputs, weight, self.bias, **self.conv)
-        return F.conv2d(inputs, weight, self.bias, **self.conv)
+        return run_layer(self.kind, inputs, self.weight(), self.bias, self.conv)

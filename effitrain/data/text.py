@@ -15,7 +15,7 @@ from typing import Any, Sequence
 import torch
 from torch.utils.data import Dataset
 
-from effitrain.data.bundle import DataBundle, make_bundle, split_indices
+from effitrain.data.bundle import DataBundle, make_bundle, split_indices, subsets
 from effitrain.errors import ConfigError, DataError
 
 
@@ -147,8 +147,7 @@ def _text_bundle(table: TextTable, num_classes: int, tokenizer: str, max_length:
         )
     dataset = tokenize_table(table, tokenizer, max_length, offline)
     train, val, test = split_indices(table.labels, loader.pop("val_fraction"), loader.pop("test_fraction"), loader.pop("split_seed"))
-    subsets = [torch.utils.data.Subset(dataset, part.tolist()) for part in (train, val, test)]
-    return make_bundle(*subsets, num_classes=num_classes, input_shape=(max_length,), **loader)
+    return make_bundle(*subsets(dataset, (train, val, test)), num_classes=num_classes, input_shape=(max_length,), **loader)
 
 
 def build_bbcnews(

@@ -18,6 +18,26 @@ from effitrain.errors import ConfigError
 PRETRAINED = "pretrained"
 
 
+def teacher_source(source: str, earlier: list[str], where: str) -> tuple[str, Path | None, str | None]:
+    """What kind of teacher `source` names: ('stage'|'pretrained'|'file'|'run', path, run stage).
+
+    Raises:
+        ConfigError: none of them (listing what is allowed).
+    """
+    if source in earlier:
+        return "stage", None, None
+    if source == PRETRAINED:
+        return "pretrained", None, None
+    path_text, _, stage = source.partition(":") if not Path(source).exists() else (source, "", "")
+    path = Path(path_text).expanduser()
+    if path.is_file() and path.suffix == ".safetensors":
+        return "file", path, None
+    if path.is_dir():
+        return "run", path, stage or None
+    allowed = [*earlier, PRETRAINED, "a .safetensors file", "a run folder[:STAGE]"]
+    raise ConfigError(f"{where} = {source!r}: no such teacher (allowed: {', '.join(allowed)})")
+
+
 def resolve_teacher(
     source: str,
     earlier: dict[str, nn.Module],
@@ -37,28 +57,24 @@ def resolve_teacher(
         build: builds a model from a config (on the run device).
         where: config path for errors.
     """
-    if source in earlier:
+    kind, path, stage = teacher_source(source, list(earlier), where)
+    if kind == "stage":
         return earlier[source]
-    if source == PRETRAINED:
+    if kind == "pretrained":
         return build(teacher_model)
-    path_text, _, stage = source.partition(":") if not Path(source).exists() else (source, "", "")
-    path = Path(path_text).expanduser()
-    if path.is_file() and path.suffix == ".safetensors":
+    if kind == "file":
         teacher = build(teacher_model)
         try:
             return load_weights(teacher, path)
         except RuntimeError as error:
             raise ConfigError(f"{where}: {path} does not fit the teacher model ({str(error).splitlines()[0][:300]})") from None
-    if path.is_dir():
-        from effitrain.pipeline import load_run_model  # the pipeline imports the stages that import this
+    from effitrain.pipeline import load_run_model  # the pipeline imports the stages that import this
 
-        try:
-            teacher, _ = load_run_model(path, stage or None)
-        except ConfigError as error:
-            raise ConfigError(f"{where}: {error}") from None
-        return teacher
-    allowed = [*earlier, PRETRAINED, "a .safetensors file", "a run folder[:STAGE]"]
-    raise ConfigError(f"{where} = {source!r}: no such teacher (allowed: {', '.join(allowed)})")
+    try:
+        teacher, _ = load_run_model(path, stage)
+    except ConfigError as error:
+        raise ConfigError(f"{where}: {error}") from None
+    return teacher
 
 
 def layer_list(model: nn.Module) -> tuple[str, nn.ModuleList] | None:

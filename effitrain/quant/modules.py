@@ -25,13 +25,15 @@ from effitrain.quant.affine import choose_qparams, dequantize, fake_quantize, pa
 QUANTIZABLE = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Embedding)
 
 
-def _conv_args(layer: nn.Module) -> dict[str, Any]:
+def conv_args(layer: nn.Module) -> dict[str, Any]:
+    """The keyword arguments `run_layer` needs besides the weight (stride, padding, …)."""
     if isinstance(layer, nn.Embedding):
         return {"padding_idx": layer.padding_idx}
     return {key: getattr(layer, key) for key in ("stride", "padding", "dilation", "groups")} if not isinstance(layer, nn.Linear) else {}
 
 
-def _run(kind: str, inputs: Tensor, weight: Tensor, bias: Tensor | None, conv: dict[str, Any]) -> Tensor:
+def run_layer(kind: str, inputs: Tensor, weight: Tensor, bias: Tensor | None, conv: dict[str, Any]) -> Tensor:
+    """The forward pass of a Linear/Conv1d/Conv2d layer (by class name) with the given weight."""
     if kind == "Linear":
         return F.linear(inputs, weight, bias)
     if kind == "Conv1d":
@@ -48,7 +50,7 @@ class QuantizedWeight(nn.Module):
         self.shape = tuple(layer.weight.shape)
         if self.kind == "Embedding" and bits == 4 and self.shape[1] % 2:
             raise ConfigError(f"int4 embeddings need an even width (this one is {self.shape[1]}); use bits 8 or skip it")
-        self.conv = _conv_args(layer)
+        self.conv = conv_args(layer)
         scale, zero_point = choose_qparams(layer.weight, bits, scheme, per_channel)
         levels = quantize(layer.weight.detach().float(), scale, zero_point, bits, scheme)
         self.register_buffer("packed", pack(levels, bits, scheme))
@@ -73,7 +75,7 @@ class QuantizedWeight(nn.Module):
             scale = self.scale.reshape(-1)[inputs].unsqueeze(-1) if self.per_channel else self.scale
             zero_point = self.zero_point.reshape(-1)[inputs].unsqueeze(-1) if self.per_channel else self.zero_point
             return dequantize(levels, scale, zero_point.float())
-        return _run(self.kind, inputs, self.weight().to(inputs.dtype), self.bias, self.conv)
+        return run_layer(self.kind, inputs, self.weight().to(inputs.dtype), self.bias, self.conv)
 
     def extra_repr(self) -> str:
         return f"{self.kind} {self.shape}, int{self.bits} {self.scheme}, {'per-channel' if self.per_channel else 'per-tensor'}"
@@ -85,13 +87,13 @@ class FakeQuant(nn.Module):
     def __init__(self, layer: nn.Module, bits: int, scheme: str, per_channel: bool, activation_bits: int | None) -> None:
         super().__init__()
         self.layer, self.bits, self.scheme, self.per_channel, self.activation_bits = layer, bits, scheme, per_channel, activation_bits
-        self.kind, self.conv = type(layer).__name__, _conv_args(layer)
+        self.kind, self.conv = type(layer).__name__, conv_args(layer)
 
     def forward(self, inputs: Tensor) -> Tensor:
         if self.activation_bits is not None:
             inputs = fake_quantize(inputs, self.activation_bits, "affine", per_channel=False)
         weight = fake_quantize(self.layer.weight, self.bits, self.scheme, self.per_channel)
-        return _run(self.kind, inputs, weight, self.layer.bias, self.conv)
+        return run_layer(self.kind, inputs, weight, self.layer.bias, self.conv)
 
 
 def select_layers(model: nn.Module, skip: list[str], where: str, types: tuple[type, ...] = QUANTIZABLE) -> list[str]:

@@ -7,10 +7,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import List, Optional
 
-from safetensors import safe_open
 from torch import nn
 
-from effitrain.checkpoint import load_weights
+from effitrain.checkpoint import load_weights, saved_shapes
 from effitrain.compress import lowrank
 from effitrain.compress.cluster import ClusteredWeight
 from effitrain.errors import ConfigError
@@ -56,8 +55,7 @@ class LowRank(FromSource, TrainingStage):
         return model
 
     def load_model(self, model: nn.Module, path: Path) -> nn.Module:
-        with safe_open(str(path), framework="pt") as handle:
-            ranks = {key[: -len(".0.weight")]: handle.get_slice(key).get_shape()[0] for key in handle.keys() if key.endswith(".0.weight")}
+        ranks = {key[: -len(".0.weight")]: shape[0] for key, shape in saved_shapes(path).items() if key.endswith(".0.weight")}
         modules = dict(model.named_modules())
         lowrank.apply(model, {layer: rank for layer, rank in ranks.items() if layer in modules and lowrank.factorizable(modules[layer])})
         return load_weights(model, path)

@@ -6,14 +6,13 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional
 
-from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
 from effitrain.distill.features import FeatureMatch, parse_pairs
 from effitrain.distill.loss import DistillLoss
-from effitrain.distill.sources import PRETRAINED, cache_teacher_outputs, derive_student, resolve_teacher
+from effitrain.distill.sources import cache_teacher_outputs, derive_student, resolve_teacher, teacher_source
 from effitrain.errors import ConfigError
 from effitrain.measure import evaluate
 from effitrain.stages.base import Context
@@ -68,11 +67,7 @@ class Distill(TrainingStage):
         super().check(cfg, name)
         earlier = list(cfg.stage)[: list(cfg.stage).index(name)]
         for index, source in enumerate(self.teachers):
-            path = Path(source.partition(":")[0] if not Path(source).exists() else source).expanduser()
-            if source in earlier or source == PRETRAINED or path.is_dir() or (path.is_file() and path.suffix == ".safetensors"):
-                continue
-            allowed = [*earlier, PRETRAINED, "a .safetensors file", "a run folder[:STAGE]"]
-            raise ConfigError(f"stage.{name}.teachers[{index}] = {source!r}: no such teacher (allowed: {', '.join(allowed)})")
+            teacher_source(source, earlier, f"stage.{name}.teachers[{index}]")
 
     def prepare(self, model: nn.Module, ctx: Context) -> nn.Module:
         where = f"stage.{ctx.stage_name}"

@@ -10,10 +10,9 @@ from pathlib import Path
 from typing import Any, Dict, Optional
 
 import torch
-from safetensors import safe_open
 from torch import Tensor, nn
 
-from effitrain.checkpoint import load_weights, write_json
+from effitrain.checkpoint import load_weights, saved_shapes, write_json
 from effitrain.errors import ConfigError
 from effitrain.prune.hook import MaskHook
 from effitrain.prune.masks import (
@@ -189,9 +188,7 @@ class Prune(TrainingStage):
             own = layer_sparsities(list(prunable(model)), self.sparsity, self.overrides or {}, "overrides")
             prune_channels(model, self._example, self.sparsity, own, self.saliency if self.saliency != "taylor" else "l1", self.distribution, "prune")
         elif self.granularity == "structured":
-            with safe_open(str(path), framework="pt") as handle:
-                shapes = {key: tuple(handle.get_slice(key).get_shape()) for key in handle.keys()}
-            shrink_to(model, shapes, self._example)
+            shrink_to(model, saved_shapes(path), self._example)
         return load_weights(model, path)
 
 

@@ -68,11 +68,16 @@ class QuantSettings:
         if self.backend in ("x86_dynamic", "x86_static") and self.bits != 8:
             raise ConfigError(f"backend = {self.backend!r} needs bits = 8 (allowed with bits = {self.bits}: weight_only, auto)")
 
-    def convert(self, model: nn.Module, device: torch.device, where: str) -> str:
-        """Replace the chosen layers by quantized ones in place; return the backend description."""
+    def require_backend(self, device: torch.device, where: str) -> list[str]:
+        """The backends available on `device` at these bits; ConfigError when the chosen one is not."""
         available = available_backends(device, self.bits)
         if self.backend not in ("auto", *available):
             raise ConfigError(f"{where}.backend = {self.backend!r} is not available on {device.type} at {self.bits} bits (available: {', '.join(available)})")
+        return available
+
+    def convert(self, model: nn.Module, device: torch.device, where: str) -> str:
+        """Replace the chosen layers by quantized ones in place; return the backend description."""
+        available = self.require_backend(device, where)
         names = select_layers(model, self.skip, f"{where}.skip")
         modules = dict(model.named_modules())
         dynamic = [n for n in names if isinstance(modules[n], nn.Linear)] if "x86_dynamic" in available and self.backend in ("auto", "x86_dynamic") else []
@@ -122,9 +127,7 @@ class Quantize(FromSource, QuantSettings):
         if sum(p.numel() for p in model.parameters()) == 0:
             raise ConfigError(f"{where}: the model is empty; nothing to quantize")
         if self.backend == "x86_static":
-            available = available_backends(ctx.device, self.bits)
-            if "x86_static" not in available:
-                raise ConfigError(f"{where}.backend = 'x86_static' is not available on {ctx.device.type} (available: {', '.join(available)})")
+            self.require_backend(ctx.device, where)
             select_layers(model, self.skip, f"{where}.skip")
             model = static.quantize_static(model, self._example, ctx.data.train, self.calibration_batches, self.observer,
                                            self.granularity == "per_channel", where)
