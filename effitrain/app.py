@@ -22,8 +22,9 @@ register_resolvers()
 
 
 @hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="config")
-def main(cfg: DictConfig) -> float:
-    """Run one job; returns the last stage's test accuracy for sweepers (e.g. Optuna)."""
+def main(cfg: DictConfig) -> float | tuple[float, ...]:
+    """Run one job; returns the configured objective(s), from validation or measured cost, for
+    sweepers (e.g. Optuna): one value, or a tuple for multi-objective search."""
     from effitrain import pipeline
 
     runtime = HydraConfig.get().runtime

@@ -8,7 +8,6 @@ job is checked, so bad input stops with one line and exit code 2 and leaves noth
 
 from __future__ import annotations
 
-import inspect
 import sys
 from pathlib import Path
 from typing import Any, Callable, Optional
@@ -44,29 +43,6 @@ def _guard(action: Callable[[], Any]) -> Any:
         _fail(str(error))
 
 
-def _check_call(node: Any, where: str) -> None:
-    """Check that a `_target_` config's arguments fit the target's signature, without calling it."""
-    from omegaconf import OmegaConf
-
-    from effitrain.config import locate
-
-    target = node.get("_target_")
-    try:
-        function = locate(target)
-    except ImportError:
-        raise ConfigError(f"{where}._target_ = {target!r}: cannot import it") from None
-    arguments = {key: value for key, value in OmegaConf.to_container(node, resolve=True).items() if not key.startswith("_")}
-    try:
-        signature = inspect.signature(function)
-    except (TypeError, ValueError):
-        return
-    try:
-        (signature.bind_partial if node.get("_partial_") else signature.bind)(**arguments)
-    except TypeError as error:
-        accepted = [name for name in signature.parameters if name not in ("self", "args", "kwargs")]
-        raise ConfigError(f"{where}: {error} (allowed keys: {', '.join(accepted)})") from None
-
-
 def _check_run_dir(overrides: list[str], multirun: bool) -> None:
     key = "hydra.sweep.dir=" if multirun else "hydra.run.dir="
     for override in overrides:
@@ -94,9 +70,7 @@ def precheck(args: list[str], resuming: bool = False) -> None:
         _check_run_dir(overrides, multirun)
     combinations = expand_sweeps(overrides) if multirun else iter([overrides])
     for combination in combinations:
-        cfg = compose(combination)
-        _check_call(cfg.data, "data")
-        check(cfg)
+        check(compose(combination))
 
 
 def launch(args: list[str], resuming: bool = False) -> None:
@@ -123,17 +97,12 @@ def run(ctx: typer.Context) -> None:
 @app.command()
 def resume(run_dir: Path = typer.Argument(..., help="The run folder of the interrupted run.")) -> None:
     """Continue an interrupted run in its own folder from its last checkpoint."""
-    import json
-
     from omegaconf import OmegaConf
 
-    overrides_file = run_dir / ".hydra" / "overrides.yaml"
-    summary_file = run_dir / "summary.json"
-    if not overrides_file.is_file():
-        _fail(f"{run_dir}: not an effitrain run folder (no .hydra/overrides.yaml)")
-    if summary_file.is_file() and json.loads(summary_file.read_text()).get("status") == "completed":
-        _fail(f"{run_dir}: the run already completed; nothing to resume")
-    overrides = [item for item in OmegaConf.load(overrides_file) if not str(item).startswith(("resume=", "hydra.run.dir="))]
+    from effitrain.runs import check_resumable
+
+    _guard(lambda: check_resumable(run_dir))  # every file the resume reads, before anything is written
+    overrides = [item for item in OmegaConf.load(run_dir / ".hydra" / "overrides.yaml") if not str(item).startswith(("resume=", "hydra.run.dir="))]
     quoted = str(run_dir.resolve()).replace("\\", "\\\\").replace("'", "\\'")
     launch([*map(str, overrides), f"hydra.run.dir='{quoted}'", "resume=true"], resuming=True)
 
@@ -169,9 +138,9 @@ def show(ctx: typer.Context) -> None:
     from effitrain.config.compose import compose
     from effitrain.config.schema import validate
 
-    def compose_and_check() -> Any:
+    def compose_and_check() -> Any:  # types and ranges only: `show` must not import torch
         cfg = compose(list(ctx.args))
-        validate(cfg)
+        validate(cfg, targets=False)
         return cfg
 
     cfg = _guard(compose_and_check)

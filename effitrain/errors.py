@@ -1,4 +1,11 @@
-"""Project error types. The CLI turns any of them into one line on stderr and exit code 2."""
+"""Project error types, and the one helper that words every "not allowed" message.
+
+The CLI turns any EffitrainError into one line on stderr and exit code 2.
+"""
+
+from __future__ import annotations
+
+from typing import Any
 
 
 class EffitrainError(Exception):
@@ -15,3 +22,25 @@ class DataError(EffitrainError):
 
 class TrainingError(EffitrainError):
     """Training cannot continue (for example the loss became NaN in fp32)."""
+
+
+def not_allowed(key: str, value: Any, allowed: str) -> ConfigError:
+    """The error for a value out of range: `KEY = VALUE is not allowed (allowed: ALLOWED)`.
+
+    Args:
+        key: the dotted config key (or the field name; stage builders add `stage.<name>.`).
+        value: the offending value (shown with repr, so strings are quoted).
+        allowed: what is allowed, in words.
+    """
+    return ConfigError(f"{key} = {value!r} is not allowed (allowed: {allowed})")
+
+
+def require(ok: bool, key: str, value: Any, allowed: str) -> None:
+    """Raise `not_allowed(key, value, allowed)` unless `ok`."""
+    if not ok:
+        raise not_allowed(key, value, allowed)
+
+
+def require_choice(key: str, value: Any, choices: tuple[str, ...] | list[str]) -> None:
+    """Raise unless `value` is one of `choices` (listed in the message)."""
+    require(value in choices, key, value, ", ".join(choices))

@@ -1,29 +1,37 @@
-"""One run: build device, precision, data and model, walk the model through the recipe's stages,
-measure it after each, and keep the ledger (summary.json) and checkpoints in the run folder."""
+"""One run: check everything once (the plan), build device, precision, data and model, walk the
+model through the recipe's stages, measure it after each, and keep the ledger (summary.json),
+predictions and checkpoints in the run folder. Returns the sweep objective(s)."""
 
 from __future__ import annotations
 
+import copy
 import logging
 import random
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 from hydra.utils import instantiate
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
+from torch import nn
 
 from effitrain.config.schema import validate
-from effitrain.errors import ConfigError, EffitrainError
+from effitrain.errors import ConfigError, EffitrainError, require
 from effitrain.measure import measure
-from effitrain.predictions import write_predictions
 from effitrain.precision import PrecisionPolicy, build_precision, resolve_device
+from effitrain.predictions import write_predictions
 from effitrain.report import Ledger, ledger_table, render_text
 from effitrain.runlog import RunLogger
-from effitrain.stages.base import Context, Stage, build_model, build_stage
+from effitrain.runs import load_run_model, replay
+from effitrain.stages.base import Context, Prepared, Stage, StageResult, build_model, build_stage
+from effitrain.tasks import Task
 
 log = logging.getLogger("effitrain")
+
+COST_METRICS = ("latency_ms", "size_bytes", "params", "nonzero_params", "sparsity")
 
 
 def seed_everything(seed: int) -> None:
@@ -33,19 +41,21 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def build_stages(cfg: DictConfig) -> dict[str, Stage]:
-    """Validate the whole config and build every stage, before any work starts.
+@dataclass
+class RunPlan:
+    """Everything checked before a run folder exists, built once.
 
-    Raises:
-        ConfigError: the first problem found, as one line.
+    Attributes:
+        cfg: the validated, resolved config.
+        task: the task (batches, loss, metrics).
+        stages: the built stages, in order.
+        precision: the precision policy on the run device.
     """
-    validate(cfg)
-    stages = {}
-    for name, stage_cfg in cfg.stage.items():
-        stage = build_stage(str(name), stage_cfg)
-        stage.check(cfg, str(name))
-        stages[str(name)] = stage
-    return stages
+
+    cfg: DictConfig
+    task: Task
+    stages: dict[str, Stage]
+    precision: PrecisionPolicy
 
 
 def precision_from_config(cfg: DictConfig) -> PrecisionPolicy:
@@ -56,21 +66,95 @@ def precision_from_config(cfg: DictConfig) -> PrecisionPolicy:
     )
 
 
-def model_file(run_dir: Path, index: int, name: str, stage: Stage) -> Path:
-    """Where stage number `index` (named `name`) of a run saves its resulting model."""
-    return run_dir / "checkpoints" / f"{index:02d}_{name}{stage.model_suffix}"
+def build_task(node: DictConfig) -> Task:
+    try:
+        task = instantiate(node)
+    except Exception as error:  # instantiate wraps what the target raises
+        cause = error.__cause__ or error
+        raise ConfigError(f"task: cannot build {node.get('_target_')!r} ({str(cause).splitlines()[0]})") from None
+    if not isinstance(task, Task):
+        raise ConfigError(f"task._target_ = {node.get('_target_')!r} is not an effitrain Task (subclass effitrain.tasks.Task)")
+    return task
 
 
-def check(cfg: DictConfig) -> None:
-    """Everything that can be checked before a run folder exists: config, stages, device,
-    precision and the model (built once on the CPU and dropped). Data is checked when loaded.
+def _check_metrics(cfg: DictConfig, task: Task) -> None:
+    """Monitors and objectives name metrics the task reports (objectives: validation or cost only)."""
+    monitors = [f"val_{metric}" for metric in task.metrics]
+    require(cfg.trainer.monitor in monitors, "trainer.monitor", cfg.trainer.monitor, ", ".join(monitors))
+    for name, stage in cfg.stage.items():
+        monitor = (stage.get("trainer") or {}).get("monitor")
+        if monitor is not None:
+            require(monitor in monitors, f"stage.{name}.trainer.monitor", monitor, ", ".join(monitors))
+    allowed = [*monitors, *COST_METRICS]
+    for index, objective in enumerate(cfg.objective):
+        if objective.metric in task.metrics:
+            raise ConfigError(f"objective[{index}].metric = {objective.metric!r} is a test-split figure, for reporting only; "
+                              f"sweeps tune on validation (allowed: {', '.join(allowed)})")
+        require(objective.metric in allowed, f"objective[{index}].metric", objective.metric, ", ".join(allowed))
+
+
+def make_plan(cfg: DictConfig) -> RunPlan:
+    """Validate the whole config once and build the task, every stage and the precision policy.
 
     Raises:
         ConfigError: the first problem found, as one line.
     """
-    build_stages(cfg)
-    precision_from_config(cfg)
-    build_model(cfg.model)
+    typed = validate(cfg)
+    task = build_task(typed.task)
+    _check_metrics(typed, task)
+    stages = {}
+    for name, stage_cfg in typed.stage.items():
+        stage = build_stage(str(name), stage_cfg)
+        stage.check(typed, str(name))
+        stages[str(name)] = stage
+    return RunPlan(typed, task, stages, precision_from_config(typed))
+
+
+# The CLI checks every job before Hydra makes a folder; a job run in the same process (a single
+# run, or the basic sweep launcher) reuses that plan and model instead of checking and building
+# again. Jobs of other launchers (joblib, submitit) run elsewhere and plan for themselves.
+_PLANS: dict[str, RunPlan] = {}
+_MODELS: dict[str, list[Any]] = {}  # key -> [model on cpu, torch RNG state after building it, uses left]
+
+
+def _key(cfg: DictConfig) -> str:
+    return OmegaConf.to_yaml(cfg)
+
+
+def _model_key(plan: RunPlan) -> str:
+    return f"{plan.cfg.seed}\n{OmegaConf.to_yaml(plan.cfg.model)}"
+
+
+def check(cfg: DictConfig) -> RunPlan:
+    """Everything that can be checked before a run folder exists: config, task, stages, the
+    files stages read, device, precision and the model (built once, kept for the run).
+
+    Raises:
+        ConfigError: the first problem found, as one line.
+    """
+    plan = make_plan(cfg)
+    key = _model_key(plan)
+    if key in _MODELS:
+        _MODELS[key][2] += 1
+    else:
+        seed_everything(plan.cfg.seed)
+        model = build_model(plan.cfg.model)
+        _MODELS[key] = [model, torch.get_rng_state(), 1]
+    _PLANS[_key(cfg)] = plan
+    return plan
+
+
+def _initial_model(plan: RunPlan) -> nn.Module:
+    """The recipe's model as a fresh build after `seed_everything` gives it, and the RNG after it."""
+    entry = _MODELS.get(_model_key(plan))
+    if entry is None:
+        return build_model(plan.cfg.model)
+    model, rng, uses = entry
+    entry[2] -= 1
+    if entry[2] <= 0:
+        del _MODELS[_model_key(plan)]
+    torch.set_rng_state(rng)  # as if built just now
+    return model if uses <= 1 else copy.deepcopy(model)
 
 
 def build_data(cfg: DictConfig) -> Any:
@@ -86,7 +170,17 @@ def build_data(cfg: DictConfig) -> Any:
         raise ConfigError(f"data: cannot build {cfg.data.get('_target_')!r} ({str(cause).splitlines()[0]})") from None
 
 
-def run(cfg: DictConfig, run_dir: Path, recipe: str) -> float:
+def objectives(plan: RunPlan, rows: list[dict[str, Any]]) -> dict[str, float]:
+    """The configured objective values, read from the ledger rows (validation or cost)."""
+    by_name = {row["name"]: row["metrics"] for row in rows}
+    values = {}
+    for objective in plan.cfg.objective:
+        stage = objective.stage if objective.stage is not None else rows[-1]["name"]
+        values[objective.metric if objective.stage is None else f"{stage}.{objective.metric}"] = float(by_name[stage][objective.metric])
+    return values
+
+
+def run(cfg: DictConfig, run_dir: Path, recipe: str) -> float | tuple[float, ...]:
     """Run the recipe's stages in order inside `run_dir`.
 
     Args:
@@ -95,46 +189,47 @@ def run(cfg: DictConfig, run_dir: Path, recipe: str) -> float:
         recipe: the recipe's name, for the ledger.
 
     Returns:
-        The last stage's test accuracy (the objective for sweepers).
+        The objective for sweepers: one value, or a tuple when `objective` lists several.
 
     Raises:
         EffitrainError: a problem the user can act on; the ledger is marked failed first.
     """
-    stages = build_stages(cfg)
+    plan = _PLANS.pop(_key(cfg), None) or make_plan(cfg)
+    cfg, task, precision = plan.cfg, plan.task, plan.precision
     seed_everything(cfg.seed)
-    precision = precision_from_config(cfg)
     device = precision.device
     log.info("effitrain: recipe %s on %s, precision %s (%s)", recipe, device, precision.used, precision.why)
-    header = {"recipe": recipe, "device": str(device), "precision": precision.as_dict(), "seed": cfg.seed}
+    header = {"recipe": recipe, "device": str(device), "precision": precision.as_dict(), "seed": cfg.seed,
+              "task": task.name, "headline": task.headline}
     ledger = Ledger.resume(run_dir / "summary.json", header) if cfg.resume else Ledger(run_dir / "summary.json", header)
     ledger.write()
     logger = RunLogger(run_dir)
     try:
         data = build_data(cfg)
-        ctx = Context(cfg=cfg, precision=precision, data=data, run_dir=run_dir, logger=logger, resume=bool(cfg.resume))
-        model = build_model(cfg.model).to(device)
-        example = data.example_batch(cfg.measure.batch_size)
-        for index, (name, stage) in enumerate(stages.items()):
-            saved = model_file(run_dir, index, name, stage)
-            ctx.stage_name = name
-            model = stage.prepare(model, ctx)
-            if name in ledger.completed:
-                model = stage.load_model(model, saved)
-                log.info("[%s] already completed; loaded %s", name, saved.name)
-            else:
-                ctx.extra = {}
-                started = time.perf_counter()
-                model = stage.run(name, model, ctx)
-                seconds = time.perf_counter() - started
-                stage.save_model(model, saved)
-                metrics = measure(
-                    model, data.test, example, precision, saved,
-                    warmup=cfg.measure.warmup, repeats=cfg.measure.repeats, threads=cfg.measure.threads,
-                )
-                write_predictions(run_dir / "predictions" / f"{name}.json", metrics.pop("labels"), metrics.pop("predictions"))
-                ledger.add(name, stage.kind, {**metrics, "seconds": seconds, **ctx.extra})
-                log.info("[%s] test accuracy %.4f, %d params, %.3f ms/batch", name, metrics["accuracy"], metrics["params"], metrics["latency_ms"])
-            ctx.models[name] = model
+        ctx = Context(cfg=cfg, precision=precision, data=data, task=task, run_dir=run_dir, logger=logger, resume=bool(cfg.resume),
+                      load_run=lambda path, stage: load_run_model(path, stage)[0])
+        model = _initial_model(plan).to(device)
+        example = ctx.example_batch(cfg.measure.batch_size)
+
+        def execute(index: int, name: str, stage: Stage, prepared: Prepared, saved: Path) -> nn.Module:
+            started = time.perf_counter()
+            result = stage.run(name, prepared, ctx)
+            if not isinstance(result, StageResult):
+                raise ConfigError(f"stage.{name}: {type(stage).__name__}.run returned {type(result).__name__} "
+                                  "(allowed: effitrain.stages.StageResult(model, metrics))")
+            seconds = time.perf_counter() - started
+            stage.save_model(result.model, saved)
+            metrics = measure(result.model, task, data.test, data.val, example, precision, saved,
+                              warmup=cfg.measure.warmup, repeats=cfg.measure.repeats, threads=cfg.measure.threads)
+            labels, predictions = metrics.pop("labels", None), metrics.pop("predictions", None)
+            if predictions is not None:
+                write_predictions(run_dir / "predictions" / f"{name}.json", labels, predictions)
+            ledger.add(name, stage.kind, {**metrics, "seconds": seconds, **result.metrics})
+            log.info("[%s] test %s %.4f, %d params, %.3f ms/batch", name, task.headline, metrics.get(task.headline, float("nan")),
+                     metrics["params"], metrics["latency_ms"])
+            return result.model
+
+        replay(plan.stages, model, ctx, run_dir, ledger.completed, execute)
     except EffitrainError as error:
         ledger.finish("failed", str(error))
         raise
@@ -143,57 +238,9 @@ def run(cfg: DictConfig, run_dir: Path, recipe: str) -> float:
         raise
     finally:
         logger.close()
+    values = objectives(plan, ledger.data["stages"])
+    ledger.data["objective"] = values
     ledger.finish("completed")
     log.info("\n%s", render_text(ledger_table(ledger.data)).rstrip())
-    return float(ledger.data["stages"][-1]["metrics"]["accuracy"])
-
-
-def load_run_model(run_dir: Path, stage: str | None = None) -> tuple[Any, Any]:
-    """Rebuild the model a completed stage of a run saved, in any process (e.g. a fresh one).
-
-    The run's stages are replayed the way a resumed run replays completed ones: each builds
-    its model's structure (`prepare`: students, pruned shapes, quantized layers) and loads its
-    saved file. Nothing in the run folder is written.
-
-    Args:
-        run_dir: an effitrain run folder.
-        stage: the stage whose model to return (default: the last completed one).
-
-    Returns:
-        (model in eval mode, the run's DataBundle).
-
-    Raises:
-        ConfigError: not a run folder, or no such completed stage.
-    """
-    import json
-    import tempfile
-
-    from omegaconf import OmegaConf
-
-    from effitrain.config.compose import register_resolvers
-
-    summary_path, config_path = run_dir / "summary.json", run_dir / ".hydra" / "config.yaml"
-    if not summary_path.is_file() or not config_path.is_file():
-        raise ConfigError(f"{run_dir}: not an effitrain run folder (no summary.json or .hydra/config.yaml)")
-    completed = [row["name"] for row in json.loads(summary_path.read_text())["stages"]]
-    stage = stage if stage is not None else (completed[-1] if completed else None)
-    if stage not in completed:
-        raise ConfigError(f"{run_dir}: no completed stage {stage!r} (allowed: {', '.join(completed) or 'none'})")
-    register_resolvers()
-    cfg = OmegaConf.load(config_path)
-    stages = build_stages(cfg)
-    seed_everything(cfg.seed)
-    precision = precision_from_config(cfg)
-    data = build_data(cfg)
-    with tempfile.TemporaryDirectory() as scratch:
-        logger = RunLogger(Path(scratch), tensorboard=False)
-        ctx = Context(cfg=cfg, precision=precision, data=data, run_dir=run_dir, logger=logger, resume=True)
-        model = build_model(cfg.model).to(precision.device)
-        for index, (name, step) in enumerate(stages.items()):
-            ctx.stage_name = name
-            model = step.load_model(step.prepare(model, ctx), model_file(run_dir, index, name, step))
-            ctx.models[name] = model
-            if name == stage:
-                break
-        logger.close()
-    return model.eval(), data
+    result = tuple(values.values())
+    return result[0] if len(result) == 1 else result

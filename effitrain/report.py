@@ -55,8 +55,7 @@ def _kilobytes(value: int) -> str:
     return f"{value / 1024:,.1f}"
 
 
-COLUMNS = [  # (header, metrics key, format)
-    ("accuracy", "accuracy", lambda v: f"{v:.4f}"),
+COLUMNS = [  # (header, metrics key, format); the task's headline metric comes first
     ("params", "params", lambda v: f"{v:,}"),
     ("nonzero", "nonzero_params", lambda v: f"{v:,}"),
     ("sparsity", "sparsity", lambda v: f"{v:.3f}"),
@@ -67,14 +66,17 @@ COLUMNS = [  # (header, metrics key, format)
 
 
 def ledger_table(summary: dict[str, Any]) -> Any:
-    """A Rich table of the ledger, with size and speed relative to the first row."""
+    """A Rich table of the ledger: the task's headline metric (test split), costs, and size and
+    speed relative to the first row."""
     from rich.table import Table
 
+    headline = summary.get("headline", "accuracy")
+    columns = [(headline, headline, lambda v: f"{v:.4f}"), *COLUMNS]
     precision = summary["precision"]
     table = Table(title=f"{summary['recipe']} on {summary['device']} ({precision['used']}) — {summary['status']}")
     table.add_column("stage")
     table.add_column("kind")
-    for header, _, _ in COLUMNS:
+    for header, _, _ in columns:
         table.add_column(header, justify="right")
     table.add_column("smaller x", justify="right")
     table.add_column("faster x", justify="right")
@@ -83,7 +85,7 @@ def ledger_table(summary: dict[str, Any]) -> Any:
     first = rows[0]["metrics"] if rows else {}
     for row in rows:
         metrics = row["metrics"]
-        cells = [fmt(metrics[key]) if metrics.get(key) is not None else "-" for _, key, fmt in COLUMNS]
+        cells = [fmt(metrics[key]) if metrics.get(key) is not None else "-" for _, key, fmt in columns]
         smaller = first.get("size_bytes", 0) / metrics["size_bytes"] if metrics.get("size_bytes") else None
         faster = first.get("latency_ms", 0) / metrics["latency_ms"] if metrics.get("latency_ms") else None
         cells += [f"{smaller:.2f}" if smaller else "-", f"{faster:.2f}" if faster else "-"]

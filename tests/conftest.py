@@ -46,6 +46,21 @@ def workdir(tmp_path: Path) -> Path:
     return tmp_path
 
 
+def trainer_config(**settings):
+    """A TrainerConfig with conf/trainer/default.yaml's defaults (the one source), `settings` applied."""
+    from effitrain.config import group_defaults
+    from effitrain.trainer import TrainerConfig
+
+    return TrainerConfig(**{**group_defaults("trainer", "default"), "progress": "off", **settings})
+
+
+def schedule(name: str = "cosine", warmup_steps: int = 0, min_lr_ratio: float = 0.0):
+    """`make_scheduler(optimizer, total_steps)` for a Trainer built in Python."""
+    from effitrain.trainer import schedule as schedules
+
+    return lambda optimizer, total_steps: getattr(schedules, name)(optimizer, total_steps, warmup_steps, min_lr_ratio)
+
+
 def negative_magnitude(name: str, weight):
     """A user saliency for tests (effitrain's `saliency: conftest.negative_magnitude`): cut the largest."""
     return -weight.abs()

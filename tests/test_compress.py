@@ -59,10 +59,10 @@ def test_compress_recipe_rows_and_fresh_process_reload(workdir: Path) -> None:
     assert list(rows) == ["fp32", "lowrank", "cluster16", "cluster4"]
     assert rows["lowrank"]["params"] < rows["fp32"]["params"]
     assert rows["cluster16"]["size_bytes"] < 0.3 * rows["fp32"]["size_bytes"]
-    from effitrain.pipeline import load_run_model
-    from effitrain.measure import evaluate
+    from effitrain.runs import load_run_model
+    from effitrain.tasks import Classification
     from effitrain.precision import build_precision
 
     for stage in ("lowrank", "cluster4"):
         model, data = load_run_model(workdir / "run", stage)
-        assert evaluate(model, data.test, build_precision("fp32", torch.device("cpu")))["accuracy"] == pytest.approx(rows[stage]["accuracy"])
+        assert Classification().evaluate(model, data.test, build_precision("fp32", torch.device("cpu")))["accuracy"] == pytest.approx(rows[stage]["accuracy"])

@@ -3,11 +3,11 @@
 import pytest
 from omegaconf import OmegaConf
 
-from effitrain.config import recipe_description, recipe_files
+from effitrain.config import CONF_DIR, recipe_description, recipe_files
 from effitrain.config.compose import compose, expand_sweeps, unique_dir
 from effitrain.config.schema import validate
 from effitrain.errors import ConfigError
-from effitrain.pipeline import build_stages
+from effitrain.pipeline import make_plan
 from effitrain.stages.train import Train
 
 
@@ -15,7 +15,7 @@ def test_every_recipe_composes_validates_and_says_what_it_shows() -> None:
     for name, path in recipe_files().items():
         cfg = compose([f"recipe={name}"])
         validate(cfg)
-        assert build_stages(cfg), name
+        assert make_plan(cfg).stages, name
         assert recipe_description(path), f"{name} has no description comment"
 
 
@@ -23,14 +23,14 @@ def test_recipe_overrides_root_and_cli_overrides_recipe() -> None:
     cfg = compose(["recipe=baseline", "stage.train.trainer.max_epochs=3"])
     assert cfg.trainer.max_epochs == 15  # the recipe's value beats conf/trainer/default.yaml
     assert list(cfg.stage) == ["train", "evaluate"]
-    stage = build_stages(cfg)["train"]
+    stage = make_plan(cfg).stages["train"]
     assert isinstance(stage, Train) and stage.trainer["max_epochs"] == 3
 
 
 def test_stage_fields_are_typed() -> None:
     cfg = compose(["recipe=baseline", "+stage.train.model=3"])
     with pytest.raises(ConfigError, match=r"^stage.train.model"):
-        build_stages(cfg)
+        make_plan(cfg)
 
 
 def test_user_recipe_folder_via_searchpath(tmp_path) -> None:
@@ -66,3 +66,44 @@ def test_empty_stage_list_is_refused() -> None:
     cfg.stage = {}
     with pytest.raises(ConfigError, match="no stages"):
         validate(cfg)
+
+
+def _yaml_keys(path) -> list[str]:
+    """Top-level keys written in a config file (not the defaults list)."""
+    return [line.split(":")[0] for line in path.read_text().splitlines()
+            if line and not line.startswith((" ", "#", "-")) and ":" in line and not line.startswith("defaults")]
+
+
+@pytest.mark.parametrize("stage_file", sorted((CONF_DIR / "stage").glob("*.yaml")), ids=lambda path: path.stem)
+def test_stage_yaml_is_the_one_source_of_its_class_defaults(stage_file) -> None:
+    """Every field of a stage kind is in its YAML (with a comment) and the class holds no other default."""
+    import dataclasses
+
+    from omegaconf import MISSING
+
+    from effitrain.config import locate
+
+    cfg = compose(["recipe=baseline", f"+stage@stage.probe={stage_file.stem}"])
+    node = OmegaConf.to_container(cfg.stage.probe)
+    stage_class = locate(node.pop("_target_"))
+    fields = {field.name: field for field in dataclasses.fields(stage_class)}
+    assert set(node) == set(fields), f"{stage_file.name}: YAML keys and {stage_class.__name__} fields differ"
+    for name, field in fields.items():
+        default = field.default_factory() if field.default_factory is not dataclasses.MISSING else field.default
+        if default in (MISSING, dataclasses.MISSING):
+            continue
+        written = {key: value for key, value in node[name].items() if value is not None} if isinstance(node[name], dict) else node[name]
+        assert written == default, f"{stage_file.name}: {name} is {node[name]!r} in YAML but {default!r} in {stage_class.__name__}"
+    for key in _yaml_keys(stage_file):
+        line = next(line for line in stage_file.read_text().splitlines() if line.startswith(f"{key}:"))
+        assert key == "_target_" or "#" in line, f"{stage_file.name}: {key} has no comment"
+
+
+def test_trainer_schema_and_yaml_list_the_same_keys() -> None:
+    import dataclasses
+
+    from effitrain.config import group_defaults
+    from effitrain.config.schema import TrainerConfig
+
+    assert set(group_defaults("trainer", "default")) == {field.name for field in dataclasses.fields(TrainerConfig)}
+    assert all(field.default == "???" for field in dataclasses.fields(TrainerConfig))  # defaults live in the YAML only

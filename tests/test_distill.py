@@ -14,11 +14,11 @@ from effitrain.checkpoint import save_weights
 from effitrain.data.synthetic import build_synthetic
 from effitrain.distill.features import FeatureMatch, FeaturePair, parse_pairs
 from effitrain.distill.loss import DistillLoss, kd_loss
-from effitrain.distill.sources import cache_teacher_outputs, derive_student, resolve_teacher
+from effitrain.distill.sources import cache_teacher_outputs, derive_student, resolve_teacher, teacher_source
 from effitrain.errors import ConfigError
 from effitrain.models.cnn import SmallCNN
 from effitrain.predictions import churn, compare_runs, write_predictions
-from effitrain.stages.codistill import CodistillLoss, PeerBatches, Peers
+from effitrain.distill.codistill import CodistillLoss, PeerBatches, Peers
 
 
 def test_kd_loss_matches_the_formula() -> None:
@@ -79,7 +79,7 @@ def test_feature_widths_get_projections_and_bad_shapes_fail() -> None:
     match.stop()
     loss.backward()
     assert match.projections[0].weight.grad is not None
-    with pytest.raises(ConfigError, match=r"cannot match student 'features.2' output \(2, 4, 4, 4\) to teacher 'features.6' output \(2, 64, 4, 4\)|cannot match"):
+    with pytest.raises(ConfigError, match=r"^f: cannot match student 'features.2' output \(2, 4, 8, 8\) to teacher 'pool' output \(2, 64, 1, 1\) \(allowed: "):
         FeatureMatch.build(student, teacher, [FeaturePair("features.2", "pool")], example, "f")
 
 
@@ -149,13 +149,18 @@ def test_teacher_sources(tmp_path) -> None:
     trained = build_model(OmegaConf.create(model_cfg))
     save_weights(trained, tmp_path / "t.safetensors")
     earlier = {"teacher": trained}
-    assert resolve_teacher("teacher", earlier, None, build_model, "w") is trained
-    loaded = resolve_teacher(str(tmp_path / "t.safetensors"), earlier, OmegaConf.create(model_cfg), build_model, "w")
+    assert resolve_teacher("teacher", earlier, None, build_model, None, "w") is trained
+    loaded = resolve_teacher(str(tmp_path / "t.safetensors"), earlier, OmegaConf.create(model_cfg), build_model, None, "w")
     assert all(torch.equal(a, b) for a, b in zip(loaded.state_dict().values(), trained.state_dict().values()))
     with pytest.raises(ConfigError, match=r"w = 'nope': no such teacher \(allowed: teacher, pretrained, a .safetensors file, a run folder\[:STAGE\]\)"):
-        resolve_teacher("nope", earlier, None, build_model, "w")
+        resolve_teacher("nope", earlier, None, build_model, None, "w")
+    from effitrain.runs import completed_stage
+
     with pytest.raises(ConfigError, match=r"^w: .*: not an effitrain run folder \(no summary.json or .hydra/config.yaml\)"):
-        resolve_teacher(str(tmp_path), earlier, None, build_model, "w")
+        teacher_source(str(tmp_path), ["teacher"], "w", check_run=completed_stage)
+    (tmp_path / "junk.safetensors").write_bytes(b"this is not safetensors")
+    with pytest.raises(ConfigError, match=r"^w = '.*junk.safetensors': not a readable safetensors file"):
+        teacher_source(str(tmp_path / "junk.safetensors"), ["teacher"], "w")
 
 
 def test_churn_and_run_comparison(tmp_path) -> None:
@@ -188,14 +193,13 @@ def test_codistill_loss_is_plain_cross_entropy_before_burn_in() -> None:
 
 
 def test_peers_get_their_own_data_order() -> None:
-    from torch.utils.data import DataLoader
-
-    from effitrain.data.bundle import SeededShuffle
-
     data = build_synthetic(num_samples=64, batch_size=8)
-    dataset = data.train.dataset
-    batches = PeerBatches([DataLoader(dataset, batch_size=8, sampler=SeededShuffle(len(dataset), seed)) for seed in (0, 1)])
+    batches = PeerBatches(data.train, peers=2, seed=0)
     inputs, labels = next(iter(batches))
     assert set(inputs) == {"peer_0", "peer_1"} and not torch.equal(labels["peer_0"], labels["peer_1"])
+    first_order = [batch[1]["peer_0"].tolist() for batch in batches]
     batches.set_epoch(3)
     assert all(loader.sampler.epoch == 3 for loader in batches.loaders)
+    assert [batch[1]["peer_0"].tolist() for batch in batches] != first_order  # another epoch, another order
+    batches.set_epoch(0)
+    assert [batch[1]["peer_0"].tolist() for batch in batches] == first_order  # depends only on (seed, epoch)

@@ -18,15 +18,15 @@ from effitrain.prune.hook import MaskHook, polynomial_sparsity, rigl_fraction
 from effitrain.prune.masks import apply_masks, layer_sparsities, magnitude_masks, nm_masks, prunable, saliency_scores
 from effitrain.prune.structured import prune_channels, shrink_to
 from effitrain.runlog import RunLogger
-from effitrain.trainer import Trainer, TrainerSettings
+from effitrain.trainer import Trainer
 
-from conftest import assert_refused, read_summary, run_cli, run_dirs
+from conftest import assert_refused, read_summary, run_cli, run_dirs, schedule, trainer_config
 
 
 def make_trainer(folder: Path, hook: MaskHook, epochs: int = 2) -> Trainer:
     return Trainer(
-        TrainerSettings(max_epochs=epochs, progress="off", scheduler="constant", restore_best=False),
-        lambda params: torch.optim.AdamW(params, lr=1e-2, weight_decay=0.1),
+        trainer_config(max_epochs=epochs, restore_best=False),
+        lambda params: torch.optim.AdamW(params, lr=1e-2, weight_decay=0.1), schedule("constant"),
         build_precision("fp32", torch.device("cpu")), RunLogger(folder, tensorboard=False), "p", folder / "ckpt", hooks=[hook],
     )
 
@@ -182,13 +182,22 @@ def test_structured_recipe_end_to_end_and_resume_of_completed_stage(workdir: Pat
     result = run_cli("resume", "run", cwd=workdir)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "already completed; loaded 01_pruned.safetensors" in result.stdout + result.stderr
+    assert read_summary(workdir / "run")["stages"] == rows  # nothing re-run or re-measured
+    # the reloaded pruned model is the one the ledger measured: same shapes, accuracy and predictions
+    from effitrain.runs import load_run_model
+    from effitrain.tasks import Classification
+
+    model, data = load_run_model(workdir / "run", "pruned")
+    scores = Classification().evaluate(model, data.test, build_precision("fp32", torch.device("cpu")), keep_predictions=True)
+    assert scores["accuracy"] == rows[1]["metrics"]["accuracy"]
+    assert scores["predictions"] == __import__("json").loads((workdir / "run" / "predictions" / "pruned.json").read_text())["predictions"]
 
 
 BAD = [
     ("stage.pruned.sparsity=1", "stage.pruned.sparsity = 1.0 is not allowed (allowed: a number in [0, 1))"),
     ("stage.pruned.sparsity=-0.1", "stage.pruned.sparsity = -0.1 is not allowed (allowed: a number in [0, 1))"),
-    ("stage.pruned.n=4", "stage.pruned.n = 4, m = 4 is not allowed (allowed: 1 <= n < m, e.g. 2:4)"),
-    ("stage.pruned.granularity=structured", "stage.pruned.schedule = 'gradual' is not allowed with granularity 'structured' (allowed: oneshot, iterative)"),
+    ("stage.pruned.n=4", "stage.pruned.n:m = '4:4' is not allowed (allowed: 1 <= n < m, e.g. 2:4)"),
+    ("stage.pruned.granularity=structured", "stage.pruned.schedule = 'gradual' is not allowed (allowed: oneshot, iterative (with granularity 'structured'))"),
     ("stage.pruned.saliency=nope", "stage.pruned.saliency = 'nope' is not allowed (allowed: l1, l2, taylor, random"),
     ("stage.pruned.schedule=sometimes", "stage.pruned.schedule = 'sometimes' is not allowed (allowed: oneshot, iterative, gradual, rigl)"),
 ]

@@ -17,7 +17,10 @@ from effitrain.errors import ConfigError
 from effitrain.measure import count_parameters
 from effitrain.models.cnn import SmallCNN
 from effitrain.quant.affine import check_bits, choose_qparams, dequantize, fake_quantize, pack, qrange, quantize, unpack
-from effitrain.quant.modules import DynamicInt8Linear, QuantizedWeight, replace_layers, select_layers
+from effitrain.layers import replace_layers, select_layers
+from effitrain.quant.backends import QUANTIZABLE, QuantSpec
+from effitrain.quant.weight_only import QuantizedWeight
+from effitrain.quant.x86 import DynamicInt8Linear
 
 from conftest import assert_refused, read_summary, run_cli
 
@@ -71,9 +74,9 @@ def test_unsupported_bits_and_empty_models_are_refused() -> None:
     with pytest.raises(ConfigError, match=r"bits = 3 is not allowed \(allowed: 4, 8\)"):
         check_bits(3, "bits")
     with pytest.raises(ConfigError, match="has no Linear/Conv1d/Conv2d/Embedding layers to quantize"):
-        select_layers(nn.Sequential(nn.ReLU()), [], "stage.q.skip")
-    with pytest.raises(ConfigError, match=r"pattern 'conv9' matches no quantizable layer"):
-        select_layers(SmallCNN((1, 8, 8), 10), ["conv9"], "stage.q.skip")
+        select_layers(nn.Sequential(nn.ReLU()), [], "stage.q.skip", QUANTIZABLE, "quantize")
+    with pytest.raises(ConfigError, match=r"pattern 'conv9' matches no Linear/Conv1d/Conv2d/Embedding layer to quantize \(candidates: features.0, "):
+        select_layers(SmallCNN((1, 8, 8), 10), ["conv9"], "stage.q.skip", QUANTIZABLE, "quantize")
 
 
 def test_quantized_layers_stay_close_and_count_as_parameters() -> None:
@@ -82,7 +85,7 @@ def test_quantized_layers_stay_close_and_count_as_parameters() -> None:
     x = torch.randn(16, 1, 8, 8)
     for bits, tolerance in ((8, 0.05), (4, 0.6)):
         quantized = copy.deepcopy(model)
-        replace_layers(quantized, select_layers(quantized, [], "q"), lambda layer: QuantizedWeight(layer, bits, "symmetric", True))
+        replace_layers(quantized, select_layers(quantized, [], "q", QUANTIZABLE, "quantize"), lambda layer: QuantizedWeight(layer, bits, "symmetric", True))
         assert (quantized(x) - model(x)).abs().max() < tolerance
         assert count_parameters(quantized)[0] == count_parameters(model)[0]
         assert isinstance(quantized.features[0], QuantizedWeight)
@@ -113,10 +116,10 @@ def test_quantize_recipe_rows_sizes_and_reload_in_a_fresh_process(workdir: Path)
     assert rows["ptq_int4"]["size_bytes"] < rows["ptq_int8"]["size_bytes"]
     assert "x86_dynamic" in rows["ptq_int8"]["backend"] and "weight_only int4" in rows["ptq_int4"]["backend"]
     code = (
-        "import json, sys; from pathlib import Path; from effitrain.pipeline import load_run_model; "
+        "import json, sys; from pathlib import Path; from effitrain.runs import load_run_model; "
         "model, data = load_run_model(Path('run'), sys.argv[1]); "
-        "from effitrain.measure import evaluate; from effitrain.precision import build_precision; import torch; "
-        "print(json.dumps(evaluate(model, data.test, build_precision('fp32', torch.device('cpu')), keep_predictions=True)))"
+        "from effitrain.tasks import Classification; from effitrain.precision import build_precision; import torch; "
+        "print(json.dumps(Classification().evaluate(model, data.test, build_precision('fp32', torch.device('cpu')), keep_predictions=True)))"
     )
     for stage in ("ptq_int8", "ptq_int8_static", "qat_int4"):
         fresh = subprocess.run([sys.executable, "-c", code, stage], cwd=workdir, capture_output=True, text=True, timeout=300)
@@ -144,8 +147,10 @@ def test_bad_quant_input_is_one_line_and_no_run_folder(workdir: Path, override: 
 
 
 def test_a_backend_missing_on_the_device_names_the_available_ones() -> None:
-    from effitrain.stages.quantize import QuantSettings, available_backends
+    from effitrain.quant import backends
 
-    assert available_backends(torch.device("cuda"), 8) == ["weight_only"]
+    assert backends.available(torch.device("cuda"), 8) == ["weight_only"]
+    model = SmallCNN((1, 8, 8), 10)
+    layers = select_layers(model, [], "stage.q.skip", QUANTIZABLE, "quantize")
     with pytest.raises(ConfigError, match=r"stage.q.backend = 'x86_dynamic' is not available on cuda at 8 bits \(available: weight_only\)"):
-        QuantSettings(bits=8, backend="x86_dynamic").convert(SmallCNN((1, 8, 8), 10), torch.device("cuda"), "stage.q")
+        backends.plan("x86_dynamic", model, layers, torch.device("cuda"), QuantSpec(8, "symmetric", True), "stage.q")

@@ -10,9 +10,9 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from effitrain.errors import ConfigError
+from effitrain.errors import require
 from effitrain.quant.affine import pack, unpack
-from effitrain.quant.modules import conv_args, run_layer
+from effitrain.layers import conv_args, run_layer
 
 
 def kmeans_1d(values: np.ndarray, k: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
@@ -33,8 +33,7 @@ class ClusteredWeight(nn.Module):
 
     def __init__(self, layer: nn.Module, k: int, seed: int = 0) -> None:
         super().__init__()
-        if not 2 <= k <= 256:
-            raise ConfigError(f"clusters = {k} is not allowed (allowed: an integer in [2, 256])")
+        require(2 <= k <= 256, "clusters", k, "an integer in [2, 256]")
         self.kind = type(layer).__name__
         self.shape = tuple(layer.weight.shape)
         self.conv = conv_args(layer)

@@ -43,13 +43,26 @@ def recipe_description(path: Path) -> str:
 
 
 def register_recipes() -> None:
-    """Store every built-in recipe in Hydra's ConfigStore as `recipe/<name>` (idempotent)."""
+    """Store every built-in recipe in Hydra's ConfigStore as `recipe/<name>`, and the per-stage
+    training override block as `stage/_training` (generated from the trainer's schema). Idempotent."""
     from hydra.core.config_store import ConfigStore
     from omegaconf import OmegaConf
+
+    from effitrain.config.schema import stage_training_block
 
     store = ConfigStore.instance()
     for name, path in recipe_files().items():
         store.store(group="recipe", name=name, node=OmegaConf.load(path), package="_global_")
+    store.store(group="stage", name="_training", node=OmegaConf.create(stage_training_block()))
+
+
+def group_defaults(group: str, option: str) -> dict:
+    """The defaults of one config group option (`conf/<group>/<option>.yaml`) as a plain dict,
+    for Python callers (tests, benchmarks) that build components without composing a recipe."""
+    from omegaconf import OmegaConf
+
+    node = OmegaConf.load(CONF_DIR / group / f"{option}.yaml")
+    return {key: value for key, value in OmegaConf.to_container(node).items() if key != "defaults"}  # type: ignore[union-attr]
 
 
 def locate(path: str) -> object:

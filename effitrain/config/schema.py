@@ -1,19 +1,21 @@
-"""Types and ranges of the composed config, checked before any work starts.
+"""Types and ranges of the composed config, checked once before any work starts.
 
-The YAML files in `conf/` hold every default (with a comment each); the dataclasses here hold
-only types, so a wrong type or unknown key fails in OmegaConf's merge, and `RULES` holds the
-allowed ranges. Stages check their own fields (see `effitrain.stages`).
+One shape for every group and stage kind: the YAML files in `conf/` hold every default (with a
+comment each); the dataclasses here (and each stage class) hold only types, with MISSING
+defaults, so a wrong type or unknown key fails in OmegaConf's merge and no default can drift
+between a YAML file and a class. `RULES` holds the allowed ranges.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-from typing import Any, Callable, Dict, Optional
+import inspect
+from dataclasses import dataclass, field, fields
+from typing import Any, Callable, Dict, List, Optional
 
 from omegaconf import MISSING, DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from effitrain.errors import ConfigError
+from effitrain.errors import ConfigError, require
 
 
 @dataclass
@@ -26,6 +28,8 @@ class PrecisionConfig:
 
 @dataclass
 class TrainerConfig:
+    """The one training loop's settings (defaults: conf/trainer/default.yaml)."""
+
     max_epochs: int = MISSING
     max_steps: Optional[int] = MISSING
     grad_accum_steps: int = MISSING
@@ -38,18 +42,18 @@ class TrainerConfig:
 
 
 @dataclass
-class SchedulerConfig:
-    name: str = MISSING
-    warmup_steps: int = MISSING
-    min_lr_ratio: float = MISSING
-
-
-@dataclass
 class MeasureConfig:
     batch_size: int = MISSING
     warmup: int = MISSING
     repeats: int = MISSING
     threads: Optional[int] = MISSING
+
+
+@dataclass
+class ObjectiveConfig:
+    metric: str = MISSING
+    direction: str = MISSING
+    stage: Optional[str] = None
 
 
 @dataclass
@@ -59,22 +63,27 @@ class RootConfig:
     resume: bool = MISSING
     precision: PrecisionConfig = field(default_factory=PrecisionConfig)
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
-    scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
     measure: MeasureConfig = field(default_factory=MeasureConfig)
+    objective: List[ObjectiveConfig] = MISSING
+    scheduler: Dict[str, Any] = MISSING
     optimizer: Dict[str, Any] = MISSING
+    task: Dict[str, Any] = MISSING
     model: Dict[str, Any] = MISSING
     data: Dict[str, Any] = MISSING
     stage: Dict[str, Any] = MISSING
 
 
 PRECISION_POLICIES = ("fp32", "fp16", "bf16", "auto")
-SCHEDULERS = ("cosine", "linear", "constant")
-MONITORS = ("val_accuracy", "val_loss")
 PROGRESS = ("auto", "on", "off")
+DIRECTIONS = ("maximize", "minimize")
+# What a stage may override per stage (stage.<name>.trainer / optimizer / scheduler); null = global value.
+STAGE_OPTIMIZER_KEYS = ("lr", "weight_decay")
+STAGE_SCHEDULER_KEYS = ("warmup_steps", "min_lr_ratio")
+TRAINING_SECTIONS = ("trainer", "optimizer", "scheduler")
 
 Rule = tuple[str, Callable[[Any], bool], str]
 
-# (dotted key, test, what is allowed). `None` passes for optional keys.
+# (dotted key, test, what is allowed). `None` passes for optional keys and absent ones.
 RULES: list[Rule] = [
     ("precision.policy", lambda v: v in PRECISION_POLICIES, f"one of {', '.join(PRECISION_POLICIES)}"),
     ("precision.init_scale", lambda v: v > 0, "a number > 0"),
@@ -85,13 +94,12 @@ RULES: list[Rule] = [
     ("trainer.max_steps", lambda v: v >= 1, "an integer >= 1, or null for no step limit"),
     ("trainer.grad_accum_steps", lambda v: v >= 1, "an integer >= 1"),
     ("trainer.grad_clip_norm", lambda v: v > 0, "a number > 0, or null for no clipping"),
-    ("trainer.monitor", lambda v: v in MONITORS, f"one of {', '.join(MONITORS)}"),
+    ("trainer.monitor", lambda v: v.startswith("val_"), "val_<a metric of the task>, e.g. val_accuracy or val_loss"),
     ("trainer.early_stopping_patience", lambda v: v >= 1, "an integer >= 1, or null to train every epoch"),
     ("trainer.log_every_steps", lambda v: v >= 1, "an integer >= 1"),
     ("trainer.progress", lambda v: v in PROGRESS, f"one of {', '.join(PROGRESS)}"),
-    ("scheduler.name", lambda v: v in SCHEDULERS, f"one of {', '.join(SCHEDULERS)}"),
-    ("scheduler.warmup_steps", lambda v: v >= 0, "an integer >= 0"),
-    ("scheduler.min_lr_ratio", lambda v: 0 <= v <= 1, "a number in [0, 1]"),
+    ("scheduler.warmup_steps", lambda v: isinstance(v, int) and v >= 0, "an integer >= 0"),
+    ("scheduler.min_lr_ratio", lambda v: isinstance(v, (int, float)) and 0 <= v <= 1, "a number in [0, 1]"),
     ("optimizer.lr", lambda v: isinstance(v, (int, float)) and v > 0, "a number > 0"),
     ("optimizer.weight_decay", lambda v: isinstance(v, (int, float)) and v >= 0, "a number >= 0"),
     ("optimizer.momentum", lambda v: isinstance(v, (int, float)) and 0 <= v < 1, "a number in [0, 1)"),
@@ -107,22 +115,6 @@ RULES: list[Rule] = [
 ]
 
 
-def require(ok: bool, key: str, value: Any, allowed: str) -> None:
-    """Raise a one-line ConfigError naming `key`, its `value` and what is `allowed` unless `ok`.
-
-    Args:
-        ok: whether the value is acceptable.
-        key: dotted config key, as a user would override it.
-        value: the offending value.
-        allowed: what values are allowed, in words.
-
-    Raises:
-        ConfigError: when `ok` is false.
-    """
-    if not ok:
-        raise ConfigError(f"{key} = {value!r} is not allowed (allowed: {allowed})")
-
-
 def describe_omegaconf_error(error: OmegaConfBaseException, prefix: str = "") -> str:
     """Turn an OmegaConf validation error into one line: key, problem."""
     key = f"{prefix}{error.full_key}" if error.full_key else prefix.rstrip(".") or "config"
@@ -130,24 +122,10 @@ def describe_omegaconf_error(error: OmegaConfBaseException, prefix: str = "") ->
     return f"{key}: {message}"
 
 
-def validate(cfg: DictConfig) -> None:
-    """Check the composed config's types, keys and ranges; raise ConfigError on the first problem.
-
-    Args:
-        cfg: the composed config (Hydra's node, not yet resolved).
-
-    Raises:
-        ConfigError: one line saying what is wrong, where, and what is allowed.
-    """
-    try:
-        typed = OmegaConf.merge(OmegaConf.structured(RootConfig), cfg)
-        OmegaConf.resolve(typed)
-        missing = sorted(OmegaConf.missing_keys(typed))
-    except OmegaConfBaseException as error:
-        raise ConfigError(describe_omegaconf_error(error)) from None
-    if missing:
-        raise ConfigError(f"{missing[0]}: no value set (every key needs one; see `effitrain show`)")
+def _check_rules(typed: DictConfig, sections: tuple[str, ...] | None = None) -> None:
     for key, test, allowed in RULES:
+        if sections is not None and key.split(".")[0] not in sections:
+            continue
         value = OmegaConf.select(typed, key, default=None)
         if value is None:
             continue
@@ -156,8 +134,116 @@ def validate(cfg: DictConfig) -> None:
         except TypeError:
             ok = False
         require(ok, key, value, allowed)
+
+
+def typed_config(cfg: DictConfig) -> DictConfig:
+    """`cfg` merged onto the schema and resolved (types checked); ConfigError on the first problem."""
+    try:
+        typed = OmegaConf.merge(OmegaConf.structured(RootConfig), cfg)
+        OmegaConf.resolve(typed)
+        missing = sorted(OmegaConf.missing_keys(typed))
+    except OmegaConfBaseException as error:
+        raise ConfigError(describe_omegaconf_error(error)) from None
+    if missing:
+        raise ConfigError(f"{missing[0]}: no value set (every key needs one; see `effitrain show`)")
+    return typed
+
+
+def validate(cfg: DictConfig, targets: bool = True) -> DictConfig:
+    """Check the composed config's types, keys and ranges.
+
+    Args:
+        cfg: the composed config (Hydra's node, not yet resolved).
+        targets: also check the `_target_` arguments of data, optimizer, scheduler and task
+            against their signatures (imports them: `effitrain show` skips it to stay torch-free).
+
+    Returns:
+        The typed, resolved config.
+
+    Raises:
+        ConfigError: one line saying what is wrong, where, and what is allowed.
+    """
+    if not isinstance(cfg.get("model"), DictConfig) or "_target_" not in cfg.model:
+        raise ConfigError("model: no model chosen (allowed: model=bert|cnn|mlp|torchvision, or `model: {_target_: your.Class, ...}` in your recipe)")
+    if not isinstance(cfg.get("data"), DictConfig) or "_target_" not in cfg.data:
+        raise ConfigError("data: no data set chosen (allowed: data=digits|synthetic|bbcnews|text|..., or `data: {_target_: your.builder, ...}` in your recipe)")
+    typed = typed_config(cfg)
+    _check_rules(typed)
     if not typed.stage:
         raise ConfigError("stage: the recipe has no stages (add at least one, e.g. /stage@stage.train: train)")
     for name, stage in typed.stage.items():
         if not isinstance(stage, DictConfig) or "_target_" not in stage:
             raise ConfigError(f"stage.{name}: needs a `_target_` naming the stage class (see conf/stage/)")
+    for index, objective in enumerate(typed.objective):
+        require(objective.direction in DIRECTIONS, f"objective[{index}].direction", objective.direction, ", ".join(DIRECTIONS))
+        if objective.stage is not None:
+            require(objective.stage in typed.stage, f"objective[{index}].stage", objective.stage, ", ".join(typed.stage))
+    if targets:
+        for section in ("data", "optimizer", "scheduler", "task"):
+            check_call(typed[section], section)
+    return typed
+
+
+def merge_training(typed: DictConfig, overrides: dict[str, dict], where: str, check: bool = True) -> DictConfig:
+    """The `trainer`/`optimizer`/`scheduler` sections with a stage's overrides (null: global) applied.
+
+    With `check` (once, when the stage is built), the overridden sections are checked again.
+
+    Raises:
+        ConfigError: prefixed with `where.` when an override is invalid.
+    """
+    given = {section: {key: value for key, value in (overrides.get(section) or {}).items() if value is not None} for section in TRAINING_SECTIONS}
+    base = OmegaConf.masked_copy(typed, list(TRAINING_SECTIONS))
+    if not any(given.values()):
+        return base
+    try:
+        merged = OmegaConf.merge(base, {section: values for section, values in given.items() if values})
+    except OmegaConfBaseException as error:
+        raise ConfigError(describe_omegaconf_error(error, prefix=f"{where}.")) from None
+    if not check:
+        return merged
+    try:
+        _check_rules(merged, tuple(section for section, values in given.items() if values))
+        if given["optimizer"] or given["scheduler"]:
+            for section in ("optimizer", "scheduler"):
+                check_call(merged[section], section)
+    except ConfigError as error:
+        raise ConfigError(f"{where}.{error}") from None
+    return merged
+
+
+def stage_training_block() -> dict[str, dict[str, None]]:
+    """The `stage/_training` config every training stage includes: each overridable key, null.
+
+    Generated from `TrainerConfig`, so a new trainer key is overridable per stage at once.
+    """
+    return {
+        "trainer": {item.name: None for item in fields(TrainerConfig)},
+        "optimizer": {key: None for key in STAGE_OPTIMIZER_KEYS},
+        "scheduler": {key: None for key in STAGE_SCHEDULER_KEYS},
+    }
+
+
+def check_call(node: Any, where: str) -> None:
+    """Check that a `_target_` config's arguments fit the target's signature, without calling it.
+
+    Raises:
+        ConfigError: the target cannot be imported, or an argument it does not take.
+    """
+    from effitrain.config import locate
+
+    target = node.get("_target_")
+    try:
+        function = locate(target)
+    except ImportError:
+        raise ConfigError(f"{where}._target_ = {target!r}: cannot import it") from None
+    arguments = {key: value for key, value in OmegaConf.to_container(node, resolve=True).items() if not key.startswith("_")}
+    try:
+        signature = inspect.signature(function)
+    except (TypeError, ValueError):
+        return
+    try:
+        (signature.bind_partial if node.get("_partial_") else signature.bind)(**arguments)
+    except TypeError as error:
+        accepted = [name for name in signature.parameters if name not in ("self", "args", "kwargs")]
+        raise ConfigError(f"{where}: {error} (allowed keys: {', '.join(accepted)})") from None

@@ -10,7 +10,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset, Sampler, Subset
 
 from effitrain.batch import batch_size as count_of
-from effitrain.errors import ConfigError
+from effitrain.errors import ConfigError, require
 
 
 @dataclass
@@ -31,12 +31,17 @@ class DataBundle:
     num_classes: int
     input_shape: tuple[int, ...]
 
-    def example_batch(self, batch_size: int) -> Any:
-        """Return `batch_size` test inputs (cycled if the split is smaller), for latency timing."""
+    def example_batch(self, batch_size: int, split: Callable[[Any], tuple[Any, Any]] = lambda batch: batch) -> Any:
+        """Return `batch_size` test inputs (cycled if the split is smaller), for tracing and timing.
+
+        Args:
+            split: turns a loader's batch into (inputs, targets) (the task's `split`).
+        """
         inputs = []
         count = 0
         while count < batch_size:
-            for batch_inputs, _ in self.test:
+            for batch in self.test:
+                batch_inputs, _ = split(batch)
                 inputs.append(batch_inputs)
                 count += count_of(batch_inputs)
                 if count >= batch_size:
@@ -112,8 +117,7 @@ def split_indices(
         Index arrays (train, val, test).
     """
     for key, value in (("data.val_fraction", val_fraction), ("data.test_fraction", test_fraction)):
-        if not 0 < value < 1:
-            raise ConfigError(f"{key} = {value!r} is not allowed (allowed: a number in (0, 1))")
+        require(0 < value < 1, key, value, "a number in (0, 1)")
     if val_fraction + test_fraction >= 1:
         raise ConfigError(
             f"data.val_fraction + data.test_fraction = {val_fraction + test_fraction} leaves no "
@@ -155,10 +159,8 @@ def make_bundle(
     augment: Sequence[Any] | None = None,
 ) -> DataBundle:
     """Wrap three datasets in loaders; augmentation applies to the training split only."""
-    if eval_batch_size < 1:
-        raise ConfigError(f"data.eval_batch_size = {eval_batch_size!r} is not allowed (allowed: an integer >= 1)")
-    if num_workers < 0:
-        raise ConfigError(f"data.num_workers = {num_workers!r} is not allowed (allowed: an integer >= 0)")
+    require(eval_batch_size >= 1, "data.eval_batch_size", eval_batch_size, "an integer >= 1")
+    require(num_workers >= 0, "data.num_workers", num_workers, "an integer >= 0")
     transform = build_augment(augment)
     if transform is not None:
         train = _Transformed(train, transform)

@@ -8,7 +8,7 @@ import torch
 from torch.utils.data import TensorDataset
 
 from effitrain.data.bundle import DataBundle, make_bundle, split_indices
-from effitrain.errors import ConfigError
+from effitrain.errors import ConfigError, require
 
 
 def build_synthetic(
@@ -40,12 +40,8 @@ def build_synthetic(
     Returns:
         The seeded train/val/test bundle.
     """
-    if num_classes < 2:
-        raise ConfigError(f"data.num_classes = {num_classes!r} is not allowed (allowed: an integer >= 2)")
-    if num_samples < 10 * num_classes:
-        raise ConfigError(
-            f"data.num_samples = {num_samples!r} is not allowed (allowed: >= 10 x num_classes = {10 * num_classes})"
-        )
+    require(num_classes >= 2, "data.num_classes", num_classes, "an integer >= 2")
+    require(num_samples >= 10 * num_classes, "data.num_samples", num_samples, f">= 10 x num_classes = {10 * num_classes}")
     generator = torch.Generator().manual_seed(data_seed)
     means = torch.randn(num_classes, *input_shape, generator=generator)
     labels = torch.arange(num_samples) % num_classes

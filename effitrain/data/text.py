@@ -16,7 +16,7 @@ import torch
 from torch.utils.data import Dataset
 
 from effitrain.data.bundle import DataBundle, make_bundle, split_indices, subsets
-from effitrain.errors import ConfigError, DataError
+from effitrain.errors import ConfigError, DataError, require
 
 
 @dataclass
@@ -131,8 +131,7 @@ def tokenize_table(table: TextTable, tokenizer: str, max_length: int, offline: b
     """Tokenise every text once (truncated and padded to `max_length` tokens)."""
     from effitrain.models.hf import load_tokenizer
 
-    if max_length < 8:
-        raise ConfigError(f"data.max_length = {max_length} is not allowed (allowed: an integer >= 8)")
+    require(max_length >= 8, "data.max_length", max_length, "an integer >= 8")
     encoded = load_tokenizer(tokenizer, offline)(
         table.texts, truncation=True, padding="max_length", max_length=max_length, return_tensors="pt",
         return_token_type_ids=False,

@@ -12,7 +12,7 @@ from typing import Any, Sequence
 from torch.utils.data import Dataset
 
 from effitrain.data.bundle import DataBundle, make_bundle, split_indices, split_two, subsets
-from effitrain.errors import ConfigError, DataError
+from effitrain.errors import ConfigError, DataError, not_allowed, require_choice
 
 TORCHVISION_DATASETS = ("MNIST", "FashionMNIST", "CIFAR10", "CIFAR100")
 
@@ -28,7 +28,7 @@ def _image_transform(input_shape: Sequence[int], mean: Sequence[float] | None, s
     elif channels == 3:
         steps.append(v2.RGB())
     else:
-        raise ConfigError(f"data.input_shape = {list(input_shape)} is not allowed (allowed: 1 or 3 channels first)")
+        raise not_allowed("data.input_shape", list(input_shape), "1 or 3 channels first")
     steps += [v2.Resize((height, width), antialias=True), v2.ToDtype(torch.float32, scale=True)]
     if mean is not None and std is not None:
         steps.append(v2.Normalize(list(mean), list(std)))
@@ -123,8 +123,7 @@ def build_torchvision_dataset(
     """
     import torchvision.datasets as datasets
 
-    if name not in TORCHVISION_DATASETS:
-        raise ConfigError(f"data.name = {name!r} is not allowed (allowed: {', '.join(TORCHVISION_DATASETS)})")
+    require_choice("data.name", name, TORCHVISION_DATASETS)
     base = Path(root).expanduser()
     transform = _image_transform(input_shape, mean, std)
     dataset_class = getattr(datasets, name)

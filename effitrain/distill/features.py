@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from effitrain.batch import forward
-from effitrain.errors import ConfigError
+from effitrain.errors import ConfigError, not_allowed, require, require_choice
 
 LOSSES = ("mse", "cosine")
 
@@ -40,14 +40,10 @@ def parse_pairs(items: Sequence[Any], where: str) -> list[FeaturePair]:
         item = dict(item)
         unknown = set(item) - {"student", "teacher", "loss", "weight"}
         if unknown or "student" not in item or "teacher" not in item:
-            raise ConfigError(
-                f"{where}[{index}] = {item} is not allowed (allowed: {{student: NAME, teacher: NAME, loss: mse|cosine, weight: > 0}})"
-            )
+            raise not_allowed(f"{where}[{index}]", item, "{student: NAME, teacher: NAME, loss: mse|cosine, weight: > 0}")
         pair = FeaturePair(str(item["student"]), str(item["teacher"]), str(item.get("loss", "mse")), float(item.get("weight", 1.0)))
-        if pair.loss not in LOSSES:
-            raise ConfigError(f"{where}[{index}].loss = {pair.loss!r} is not allowed (allowed: {', '.join(LOSSES)})")
-        if pair.weight <= 0:
-            raise ConfigError(f"{where}[{index}].weight = {pair.weight} is not allowed (allowed: a number > 0)")
+        require_choice(f"{where}[{index}].loss", pair.loss, LOSSES)
+        require(pair.weight > 0, f"{where}[{index}].weight", pair.weight, "a number > 0")
         pairs.append(pair)
     return pairs
 

@@ -11,18 +11,26 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset
 
 from effitrain.batch import move
-from effitrain.checkpoint import load_weights
+from effitrain.checkpoint import load_weights, saved_shapes
 from effitrain.data.bundle import SeededShuffle, _Transformed
-from effitrain.errors import ConfigError
+from effitrain.errors import ConfigError, not_allowed
 
 PRETRAINED = "pretrained"
 
 
-def teacher_source(source: str, earlier: list[str], where: str) -> tuple[str, Path | None, str | None]:
+def teacher_source(
+    source: str, earlier: list[str], where: str, check_run: Callable[[Path, str | None], str] | None = None
+) -> tuple[str, Path | None, str | None]:
     """What kind of teacher `source` names: ('stage'|'pretrained'|'file'|'run', path, run stage).
 
+    Files are read as far as needed to know they will load (a safetensors header; a run
+    folder's summary through `check_run`), so a bad teacher stops the run before any training.
+
+    Args:
+        check_run: checks a run folder has that completed stage; returns the stage's name.
+
     Raises:
-        ConfigError: none of them (listing what is allowed).
+        ConfigError: none of them (listing what is allowed), or a file that cannot be read.
     """
     if source in earlier:
         return "stage", None, None
@@ -31,8 +39,17 @@ def teacher_source(source: str, earlier: list[str], where: str) -> tuple[str, Pa
     path_text, _, stage = source.partition(":") if not Path(source).exists() else (source, "", "")
     path = Path(path_text).expanduser()
     if path.is_file() and path.suffix == ".safetensors":
+        try:
+            saved_shapes(path)
+        except Exception as error:  # safetensors raises its own error types for a bad header
+            raise ConfigError(f"{where} = {source!r}: not a readable safetensors file ({type(error).__name__}: {str(error).splitlines()[0][:160]})") from None
         return "file", path, None
     if path.is_dir():
+        if check_run is not None:
+            try:
+                stage = check_run(path, stage or None)
+            except ConfigError as error:
+                raise ConfigError(f"{where}: {error}") from None
         return "run", path, stage or None
     allowed = [*earlier, PRETRAINED, "a .safetensors file", "a run folder[:STAGE]"]
     raise ConfigError(f"{where} = {source!r}: no such teacher (allowed: {', '.join(allowed)})")
@@ -43,6 +60,7 @@ def resolve_teacher(
     earlier: dict[str, nn.Module],
     teacher_model: Any,
     build: Callable[[Any], nn.Module],
+    load_run: Callable[[Path, str | None], nn.Module] | None,
     where: str,
 ) -> nn.Module:
     """Return the teacher named by `source`.
@@ -51,10 +69,11 @@ def resolve_teacher(
         source: the name of an earlier stage of this recipe; 'pretrained' (build `teacher_model`
             as configured, e.g. a pretrained transformer); a .safetensors file (weights for
             `teacher_model`); or a run folder, optionally with ':STAGE' (that stage's model as
-            the run saved it, rebuilt by `load_run_model`; default its last completed stage).
+            the run saved it; default its last completed stage).
         earlier: models of the stages already run, by name.
         teacher_model: the teacher's model config (for 'pretrained' and .safetensors files).
         build: builds a model from a config (on the run device).
+        load_run: rebuilds a run folder's stage model (for run-folder teachers).
         where: config path for errors.
     """
     kind, path, stage = teacher_source(source, list(earlier), where)
@@ -68,13 +87,11 @@ def resolve_teacher(
             return load_weights(teacher, path)
         except RuntimeError as error:
             raise ConfigError(f"{where}: {path} does not fit the teacher model ({str(error).splitlines()[0][:300]})") from None
-    from effitrain.pipeline import load_run_model  # the pipeline imports the stages that import this
-
+    assert load_run is not None and path is not None, "run-folder teachers need a run loader"
     try:
-        teacher, _ = load_run_model(path, stage)
+        return load_run(path, stage)
     except ConfigError as error:
         raise ConfigError(f"{where}: {error}") from None
-    return teacher
 
 
 def layer_list(model: nn.Module) -> tuple[str, nn.ModuleList] | None:
@@ -101,7 +118,7 @@ def derive_student(teacher: nn.Module, keep_every: int, where: str) -> nn.Module
         )
     name, layers = found
     if keep_every < 2 or keep_every > len(layers):
-        raise ConfigError(f"{where} = {keep_every} is not allowed (allowed: an integer in [2, {len(layers)}], the teacher's {name} has {len(layers)} layers)")
+        raise not_allowed(where, keep_every, f"an integer in [2, {len(layers)}], the teacher's {name} has {len(layers)} layers")
     student = copy.deepcopy(teacher)
     student.requires_grad_(True)
     kept = nn.ModuleList(list(student.get_submodule(name))[::keep_every])
@@ -132,7 +149,10 @@ class _WithTeacher(Dataset):
         return inputs, (label, self.logits[index])
 
 
-def cache_teacher_outputs(loader: DataLoader, teacher_logits: Callable[[Any], Tensor], device: torch.device, where: str) -> DataLoader:
+def cache_teacher_outputs(
+    loader: DataLoader, teacher_logits: Callable[[Any], Tensor], device: torch.device, where: str,
+    split: Callable[[Any], tuple[Any, Any]] = lambda batch: batch,
+) -> DataLoader:
     """A training loader whose labels carry the teachers' logits, computed once.
 
     Only sound when an example's inputs are the same every epoch, so augmentation is refused.
@@ -141,7 +161,7 @@ def cache_teacher_outputs(loader: DataLoader, teacher_logits: Callable[[Any], Te
     if isinstance(dataset, _Transformed):
         raise ConfigError(f"{where}: cannot cache teacher outputs with data.augment set (inputs change every epoch); set it false or drop the augmentation")
     ordered = DataLoader(dataset, batch_size=loader.batch_size or 64, shuffle=False, collate_fn=loader.collate_fn)
-    outputs = [teacher_logits(move(inputs, device)).cpu() for inputs, _ in ordered]
+    outputs = [teacher_logits(move(split(batch)[0], device)).cpu() for batch in ordered]
     sampler = loader.sampler
     seed = sampler.seed if isinstance(sampler, SeededShuffle) else 0
     return DataLoader(

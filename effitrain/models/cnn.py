@@ -6,7 +6,7 @@ from typing import Sequence
 
 from torch import Tensor, nn
 
-from effitrain.errors import ConfigError
+from effitrain.errors import require
 
 
 class SmallCNN(nn.Module):
@@ -30,12 +30,10 @@ class SmallCNN(nn.Module):
         dropout: float = 0.1,
     ) -> None:
         super().__init__()
-        if len(input_shape) != 3:
-            raise ConfigError(f"model.input_shape = {list(input_shape)} is not allowed (allowed: [channels, height, width])")
-        if not channels or any(width < 1 for width in channels) or hidden < 1:
-            raise ConfigError(f"model.channels = {list(channels)}, hidden = {hidden} are not allowed (allowed: widths >= 1)")
-        if not 0 <= dropout < 1:
-            raise ConfigError(f"model.dropout = {dropout!r} is not allowed (allowed: a number in [0, 1))")
+        require(len(input_shape) == 3, "model.input_shape", list(input_shape), "[channels, height, width]")
+        require(bool(channels) and all(width >= 1 for width in channels), "model.channels", list(channels), "widths >= 1")
+        require(hidden >= 1, "model.hidden", hidden, "an integer >= 1")
+        require(0 <= dropout < 1, "model.dropout", dropout, "a number in [0, 1)")
         blocks: list[nn.Module] = []
         in_channels = input_shape[0]
         for index, out_channels in enumerate(channels):

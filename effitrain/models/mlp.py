@@ -7,7 +7,7 @@ from typing import Sequence
 
 from torch import Tensor, nn
 
-from effitrain.errors import ConfigError
+from effitrain.errors import require
 
 
 class MLP(nn.Module):
@@ -22,10 +22,8 @@ class MLP(nn.Module):
 
     def __init__(self, input_shape: Sequence[int], num_classes: int, hidden: Sequence[int] = (128,), dropout: float = 0.0) -> None:
         super().__init__()
-        if any(width < 1 for width in hidden):
-            raise ConfigError(f"model.hidden = {list(hidden)} is not allowed (allowed: widths >= 1)")
-        if not 0 <= dropout < 1:
-            raise ConfigError(f"model.dropout = {dropout!r} is not allowed (allowed: a number in [0, 1))")
+        require(all(width >= 1 for width in hidden), "model.hidden", list(hidden), "widths >= 1")
+        require(0 <= dropout < 1, "model.dropout", dropout, "a number in [0, 1)")
         layers: list[nn.Module] = [nn.Flatten()]
         width = math.prod(input_shape)
         for next_width in hidden:

@@ -10,22 +10,22 @@ sparsity in every layer; per-layer overrides by module-name pattern win over bot
 from __future__ import annotations
 
 import fnmatch
-from typing import Any, Callable, Iterable
+from typing import Any, Callable, Iterable, Iterator
 
 import torch
 from torch import Tensor, nn
 
 from effitrain.batch import move
 from effitrain.config import locate
-from effitrain.errors import ConfigError
-from effitrain.measure import PRUNABLE
+from effitrain.errors import ConfigError, not_allowed, require
+from effitrain.layers import WEIGHT_LAYERS
 
 SALIENCIES = ("l1", "l2", "taylor", "random")
 
 
 def prunable(model: nn.Module) -> dict[str, nn.Parameter]:
     """Module name → weight of every Linear/Conv layer, in model order."""
-    return {name: module.weight for name, module in model.named_modules() if isinstance(module, PRUNABLE)}
+    return {name: module.weight for name, module in model.named_modules() if isinstance(module, WEIGHT_LAYERS)}
 
 
 def layer_sparsities(names: Iterable[str], sparsity: float, overrides: dict[str, float], where: str) -> dict[str, float | None]:
@@ -41,12 +41,26 @@ def layer_sparsities(names: Iterable[str], sparsity: float, overrides: dict[str,
         matched = [name for name in names if fnmatch.fnmatchcase(name, pattern)]
         if not matched:
             raise ConfigError(f"{where}: pattern {pattern!r} matches no prunable layer (prunable: {', '.join(names)})")
-        if not 0 <= float(value) < 1:
-            raise ConfigError(f"{where}.{pattern} = {value} is not allowed (allowed: a sparsity in [0, 1))")
+        require(0 <= float(value) < 1, f"{where}.{pattern}", value, "a sparsity in [0, 1)")
         for name in matched:
             if result[name] is None:
                 result[name] = float(value)
     return result
+
+
+def gradient_passes(
+    model: nn.Module, batches: Iterable, loss_fn: Callable, device: torch.device | None, accumulate: bool
+) -> Iterator[None]:
+    """Backpropagate `loss_fn(model, inputs, targets)` over `batches` of (inputs, targets) in the
+    model's current mode, yielding after each backward: the gradients of that batch alone, or of
+    all batches so far with `accumulate`. Used by Taylor saliency, masked and structured.
+    """
+    model.zero_grad(set_to_none=True)
+    for inputs, targets in batches:
+        if not accumulate:
+            model.zero_grad(set_to_none=True)
+        loss_fn(model, move(inputs, device), move(targets, device)).backward()
+        yield
 
 
 def saliency_scores(
@@ -58,7 +72,7 @@ def saliency_scores(
     device: torch.device | None = None,
     generator: torch.Generator | None = None,
 ) -> dict[str, Tensor]:
-    """Score every weight of the named layers (higher = keep)."""
+    """Score every weight of the named layers (higher = keep); `batches` are (inputs, targets)."""
     weights = prunable(model)
     if saliency in ("l1", "l2"):
         return {name: weights[name].detach().abs() for name in names}
@@ -69,9 +83,7 @@ def saliency_scores(
         scores = {name: torch.zeros_like(weights[name]) for name in names}
         was_training = model.training
         model.train()
-        for inputs, labels in batches:
-            model.zero_grad(set_to_none=True)
-            loss_fn(model, move(inputs, device), move(labels, device)).backward()
+        for _ in gradient_passes(model, batches, loss_fn, device, accumulate=False):
             for name in names:
                 if weights[name].grad is not None:
                     scores[name] += (weights[name].detach() * weights[name].grad).abs()
@@ -90,7 +102,7 @@ def check_saliency(saliency: str, where: str) -> None:
     except ImportError:
         function = None
     if not callable(function):
-        raise ConfigError(f"{where} = {saliency!r} is not allowed (allowed: {', '.join(SALIENCIES)}, or a dotted path to fn(name, weight) -> scores)")
+        raise not_allowed(where, saliency, f"{', '.join(SALIENCIES)}, or a dotted path to fn(name, weight) -> scores")
 
 
 def magnitude_masks(scores: dict[str, Tensor], sparsity: float, own: dict[str, float | None], distribution: str) -> dict[str, Tensor]:
@@ -166,7 +178,7 @@ def sparsity_table(model: nn.Module) -> list[dict[str, Any]]:
     """Per prunable layer: name, type, shape, weights, zeros, sparsity."""
     rows = []
     for name, module in model.named_modules():
-        if isinstance(module, PRUNABLE):
+        if isinstance(module, WEIGHT_LAYERS):
             weight = module.weight.detach()
             zeros = int((weight == 0).sum())
             rows.append({"layer": name, "type": type(module).__name__, "shape": list(weight.shape), "weights": weight.numel(),

@@ -17,13 +17,12 @@ from torch import nn
 
 from effitrain.batch import forward, move
 from effitrain.errors import ConfigError
-from effitrain.measure import PRUNABLE
-
-STRUCTURED = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
+from effitrain.layers import WEIGHT_LAYERS, replace_layers
+from effitrain.prune.masks import gradient_passes
 
 
 def _output_layer(model: nn.Module) -> nn.Module:
-    layers = [module for module in model.modules() if isinstance(module, STRUCTURED)]
+    layers = [module for module in model.modules() if isinstance(module, WEIGHT_LAYERS)]
     if not layers:
         raise ConfigError(f"structured pruning: {type(model).__name__} has no Linear or Conv layers to prune")
     return layers[-1]
@@ -71,7 +70,7 @@ def prune_channels(
 
     modules = dict(model.named_modules())
     for name, value in own.items():
-        if value is not None and not isinstance(modules[name], STRUCTURED):
+        if value is not None and not isinstance(modules[name], WEIGHT_LAYERS):
             raise ConfigError(f"{where}: layer {name} is {type(modules[name]).__name__}; structured pruning supports Linear and Conv layers")
     output = _output_layer(model)
     ignored = [output] + [modules[name] for name, value in own.items() if value == 0]
@@ -93,11 +92,10 @@ def prune_channels(
             pruning_ratio=sparsity, pruning_ratio_dict=ratios or None, ignored_layers=ignored,
             global_pruning=distribution == "global", forward_fn=lambda m, x: forward(m, x), **head_options,
         )
-        if saliency == "taylor":
+        if saliency == "taylor":  # Torch-Pruning's TaylorImportance reads the summed gradients
             assert taylor_batches is not None and loss_fn is not None
-            model.zero_grad(set_to_none=True)
-            for inputs, labels in taylor_batches:
-                loss_fn(model, move(inputs, device), move(labels, device)).backward()
+            for _ in gradient_passes(model, taylor_batches, loss_fn, device, accumulate=True):
+                pass
         pruner.step()
         model.zero_grad(set_to_none=True)
         for module in attention:  # tell the attention modules how many heads they have left
@@ -121,19 +119,34 @@ def attention_modules(model: nn.Module) -> list[nn.Module]:
 
 
 def shrink_to(model: nn.Module, shapes: dict[str, tuple[int, ...]], example: Any) -> nn.Module:
-    """Shrink `model`'s layers to the saved weight `shapes` (so a pruned checkpoint loads on resume).
+    """Shrink `model`'s layers to the saved weight `shapes` (so a pruned checkpoint loads).
 
-    Which channels go does not matter: the saved weights overwrite them all. (Transformers are
-    re-pruned by the stage instead: query, key and value must lose the same heads.)
+    Which channels go does not matter: the saved weights overwrite them all, so the shapes are
+    read from the file, whatever saliency, distribution or schedule chose them. Transformers:
+    each Linear takes its saved shape and the attention modules their head counts from it.
     """
+    if attention_modules(model):
+        return _resize_linears(model, shapes)
     import torch_pruning as tp
 
     graph = tp.DependencyGraph().build_dependency(model, example_inputs=example, forward_fn=lambda m, x: forward(m, x))
     for name, module in list(model.named_modules()):
         key = f"{name}.weight"
-        if isinstance(module, PRUNABLE) and key in shapes:
+        if isinstance(module, WEIGHT_LAYERS) and key in shapes:
             excess = module.weight.shape[0] - shapes[key][0]
             if excess > 0:
                 prune_fn = tp.prune_conv_out_channels if isinstance(module, nn.modules.conv._ConvNd) else tp.prune_linear_out_channels
                 graph.get_pruning_group(module, prune_fn, idxs=list(range(excess))).prune()
+    return model
+
+
+def _resize_linears(model: nn.Module, shapes: dict[str, tuple[int, ...]]) -> nn.Module:
+    for name, module in list(model.named_modules()):
+        shape = shapes.get(f"{name}.weight")
+        if isinstance(module, nn.Linear) and shape is not None and tuple(module.weight.shape) != shape:
+            replacement = nn.Linear(shape[1], shape[0], bias=module.bias is not None, device=module.weight.device, dtype=module.weight.dtype)
+            replace_layers(model, [name], lambda _: replacement)
+    for attention in attention_modules(model):  # heads left = query width / head width
+        attention.all_head_size = attention.query.out_features
+        attention.num_attention_heads = attention.all_head_size // attention.attention_head_size
     return model

@@ -12,15 +12,14 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from effitrain.errors import ConfigError
+from effitrain.errors import require
 
 BITS = (4, 8)
 SCHEMES = ("affine", "symmetric")
 
 
 def check_bits(bits: int, where: str) -> None:
-    if bits not in BITS:
-        raise ConfigError(f"{where} = {bits} is not allowed (allowed: {', '.join(map(str, BITS))})")
+    require(bits in BITS, where, bits, ", ".join(map(str, BITS)))
 
 
 def qrange(bits: int, scheme: str) -> tuple[int, int]:

@@ -1,7 +1,8 @@
-"""Pipeline stages. Each is a dataclass whose fields are its config (validated by OmegaConf)
-and whose `run` takes the model and hands back the (possibly new) one. A recipe names a stage
-class with `_target_` (see conf/stage/), so new kinds plug in without touching the pipeline."""
+"""Pipeline stages. Each is a dataclass whose fields are its config (types in the class,
+defaults in conf/stage/*.yaml); `prepare` returns what it starts from, `run` returns a
+`StageResult`. A recipe names a stage class with `_target_` (see conf/stage/), so new kinds plug
+in without touching the pipeline."""
 
-from effitrain.stages.base import Context, Stage, build_stage
+from effitrain.stages.base import Context, Prepared, Stage, StageResult, build_stage
 
-__all__ = ["Context", "Stage", "build_stage"]
+__all__ = ["Context", "Prepared", "Stage", "StageResult", "build_stage"]

@@ -1,15 +1,23 @@
-"""The stage protocol, the context every stage gets, and building a stage from its config."""
+"""The stage protocol, the context every stage gets, and building a stage from its config.
+
+A stage is a dataclass whose fields are its config (types here, defaults in conf/stage/*.yaml).
+Per run it goes through: `prepare(model, ctx) -> Prepared` (the model it starts from plus
+whatever it needs per run: teachers, example batches, peers), then either
+`run(name, prepared, ctx) -> StageResult` (the new model and the ledger row's extra metrics)
+or, when the run already completed it, `load_model(prepared, path)`. Nothing per-run is kept
+on the stage object, so `load_model` works in any process after `prepare`.
+"""
 
 from __future__ import annotations
 
 import copy
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, ClassVar, Optional
+from typing import Any, Callable, ClassVar, Optional
 
 import torch
 from hydra.utils import instantiate
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import MISSING, DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 from torch import nn
 
@@ -20,6 +28,7 @@ from effitrain.data import DataBundle
 from effitrain.errors import ConfigError
 from effitrain.precision import PrecisionPolicy
 from effitrain.runlog import RunLogger
+from effitrain.tasks import Task
 
 
 @dataclass
@@ -27,26 +36,28 @@ class Context:
     """What a stage may use: never another stage's internals.
 
     Attributes:
-        cfg: the whole composed config.
+        cfg: the whole validated config (resolved).
         precision: precision policy (its `device` is the run device).
         data: the dataset's loaders.
+        task: what a batch is, the loss and the metrics.
         run_dir: the run folder.
         logger: metrics sink.
         resume: whether this run continues a killed one.
         models: models handed back by earlier stages, by stage name (e.g. a teacher).
-        extra: metrics the running stage adds to its ledger row.
         stage_name: the name of the stage being prepared or run (for messages).
+        load_run: rebuilds a saved stage's model from another run folder (run folder, stage or None).
     """
 
     cfg: DictConfig
     precision: PrecisionPolicy
     data: DataBundle
+    task: Task
     run_dir: Path
     logger: RunLogger
     resume: bool = False
     models: dict[str, nn.Module] = field(default_factory=dict)
-    extra: dict[str, Any] = field(default_factory=dict)
     stage_name: str = ""
+    load_run: Optional[Callable[[Path, Optional[str]], nn.Module]] = None
 
     @property
     def device(self) -> torch.device:
@@ -62,8 +73,28 @@ class Context:
             torch.manual_seed(self.cfg.seed)
         return build_model(model_cfg if model_cfg is not None else self.cfg.model).to(self.device)
 
+    def example_batch(self, size: int) -> Any:
+        """`size` test inputs (as the task splits batches), for tracing and timing."""
+        return self.data.example_batch(size, split=self.task.split)
+
     def checkpoint_dir(self, stage_name: str) -> Path:
         return self.run_dir / "checkpoints" / stage_name
+
+
+@dataclass
+class Prepared:
+    """What `prepare` hands to `run` and `load_model`: the model the stage starts from. Stages
+    that need more per run (teachers, example inputs, peers) subclass it."""
+
+    model: nn.Module
+
+
+@dataclass
+class StageResult:
+    """What `run` returns: the resulting model and the metrics its ledger row adds."""
+
+    model: nn.Module
+    metrics: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass
@@ -76,14 +107,14 @@ class Stage:
         """Check field ranges; raise ConfigError naming the field (the builder adds `stage.<name>.`)."""
 
     def check(self, cfg: DictConfig, name: str) -> None:
-        """Check what depends on the whole config (e.g. merged trainer overrides); raise ConfigError."""
+        """Check what depends on the whole validated config and the files the stage will read."""
 
-    def prepare(self, model: nn.Module, ctx: Context) -> nn.Module:
-        """Return the model this stage starts from: by default the one handed in."""
-        return model
+    def prepare(self, model: nn.Module, ctx: Context) -> Prepared:
+        """Return what this stage starts from: by default the model handed in."""
+        return Prepared(model)
 
-    def run(self, name: str, model: nn.Module, ctx: Context) -> nn.Module:
-        """Do the stage's work on `model` and return the resulting model."""
+    def run(self, name: str, prepared: Prepared, ctx: Context) -> StageResult:
+        """Do the stage's work and return the resulting model with its extra ledger metrics."""
         raise NotImplementedError
 
     @property
@@ -95,9 +126,9 @@ class Stage:
         """Save the stage's resulting model (its size is the ledger's size_bytes)."""
         save_weights(model, path)
 
-    def load_model(self, model: nn.Module, path: Path) -> nn.Module:
-        """Load what `save_model` wrote into `model` (a completed stage, on resume)."""
-        return load_weights(model, path)
+    def load_model(self, prepared: Prepared, path: Path) -> nn.Module:
+        """Rebuild what `save_model` wrote, starting from `prepare`'s result (a completed stage)."""
+        return load_weights(prepared.model, path)
 
 
 @dataclass
@@ -109,7 +140,7 @@ class FromSource(Stage):
         source: the earlier stage whose model (a copy) this stage starts from (null: incoming).
     """
 
-    source: Optional[str] = None
+    source: Optional[str] = MISSING
 
     def check(self, cfg: DictConfig, name: str) -> None:
         super().check(cfg, name)
@@ -117,15 +148,18 @@ class FromSource(Stage):
         if self.source is not None and self.source not in earlier:
             raise ConfigError(f"stage.{name}.source = {self.source!r}: no such earlier stage (allowed: {', '.join(earlier) or 'none'})")
 
-    def prepare(self, model: nn.Module, ctx: Context) -> nn.Module:
+    def starting_model(self, model: nn.Module, ctx: Context) -> nn.Module:
         return copy.deepcopy(ctx.models[self.source]) if self.source is not None else model
+
+    def prepare(self, model: nn.Module, ctx: Context) -> Prepared:
+        return Prepared(self.starting_model(model, ctx))
 
 
 def build_stage(name: str, stage_cfg: DictConfig) -> Stage:
     """Build the stage `name` from its config: `_target_` plus the stage class's fields.
 
     Raises:
-        ConfigError: unknown class, unknown field, wrong type or a value out of range.
+        ConfigError: unknown class, unknown field, missing value, wrong type or a value out of range.
     """
     target = stage_cfg.get("_target_")
     try:
@@ -138,6 +172,10 @@ def build_stage(name: str, stage_cfg: DictConfig) -> Stage:
         # resolved while still attached to the whole config, so ${data.num_classes} etc. work
         params = {key: value for key, value in OmegaConf.to_container(stage_cfg, resolve=True).items() if key != "_target_"}
         typed = OmegaConf.merge(OmegaConf.structured(stage_class), params)
+        missing = sorted(OmegaConf.missing_keys(typed))
+        if missing:
+            raise ConfigError(f"{missing[0]}: no value set (a stage built from `_target_` alone has no defaults; "
+                              f"use the stage group, e.g. /stage@stage.{name}: {stage_class.kind}, or set it)")
         return OmegaConf.to_object(typed)  # type: ignore[return-value]
     except OmegaConfBaseException as error:
         raise ConfigError(describe_omegaconf_error(error, prefix=f"stage.{name}.")) from None

@@ -3,20 +3,32 @@ intermediate layers) with the one trainer and the loss of `effitrain.distill.los
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Dict, List, Optional
 
-
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import MISSING, DictConfig, OmegaConf
 from torch import nn
 
 from effitrain.distill.features import FeatureMatch, parse_pairs
 from effitrain.distill.loss import DistillLoss
 from effitrain.distill.sources import cache_teacher_outputs, derive_student, resolve_teacher, teacher_source
-from effitrain.errors import ConfigError
-from effitrain.measure import evaluate
-from effitrain.stages.base import Context
-from effitrain.stages.train import TrainingStage, make_trainer
+from effitrain.errors import ConfigError, not_allowed, require
+from effitrain.stages.base import Context, Prepared, StageResult
+from effitrain.stages.train import TrainingStage, fit_metrics, make_trainer
+
+
+def _check_run(path: Path, stage: Optional[str]) -> str:
+    from effitrain.runs import completed_stage  # runs imports the stages: import when needed
+
+    return completed_stage(path, stage)
+
+
+@dataclass
+class PreparedStudent(Prepared):
+    """The student (`model`) and the teachers it learns from."""
+
+    teachers: List[nn.Module]
 
 
 @dataclass
@@ -39,62 +51,58 @@ class Distill(TrainingStage):
     """
 
     kind = "distill"
-    teachers: List[str] = field(default_factory=lambda: ["teacher"])
-    teacher_model: Optional[Dict[str, Any]] = None
-    student: Optional[Dict[str, Any]] = None
-    keep_every: Optional[int] = None
-    temperature: float = 4.0
-    alpha: float = 0.9
-    features: List[Dict[str, Any]] = field(default_factory=list)
-    cache_teacher: bool = False
+    teachers: List[str] = MISSING
+    teacher_model: Optional[Dict[str, Any]] = MISSING
+    student: Optional[Dict[str, Any]] = MISSING
+    keep_every: Optional[int] = MISSING
+    temperature: float = MISSING
+    alpha: float = MISSING
+    features: List[Dict[str, Any]] = MISSING
+    cache_teacher: bool = MISSING
 
     def __post_init__(self) -> None:
-        if not self.teachers:
-            raise ConfigError("teachers = [] is not allowed (allowed: one or more teacher sources)")
-        if self.temperature <= 0:
-            raise ConfigError(f"temperature = {self.temperature} is not allowed (allowed: a number > 0)")
-        if not 0 <= self.alpha <= 1:
-            raise ConfigError(f"alpha = {self.alpha} is not allowed (allowed: a number in [0, 1])")
+        require(bool(self.teachers), "teachers", self.teachers, "one or more teacher sources")
+        require(self.temperature > 0, "temperature", self.temperature, "a number > 0")
+        require(0 <= self.alpha <= 1, "alpha", self.alpha, "a number in [0, 1]")
         if (self.student is None) == (self.keep_every is None):
             raise ConfigError("student / keep_every: give exactly one (allowed: student = a model config, or keep_every = k to derive it from the teacher)")
-        if self.keep_every is not None and self.keep_every < 2:
-            raise ConfigError(f"keep_every = {self.keep_every} is not allowed (allowed: an integer >= 2)")
+        if self.keep_every is not None:
+            require(self.keep_every >= 2, "keep_every", self.keep_every, "an integer >= 2")
         parse_pairs(self.features, "features")
         if self.cache_teacher and self.features:
-            raise ConfigError("cache_teacher = true is not allowed with features (the intermediate layers need the teacher's forward every step)")
+            raise not_allowed("cache_teacher", self.cache_teacher, "false when features are set (the intermediate layers need the teacher's forward every step)")
 
     def check(self, cfg: DictConfig, name: str) -> None:
         super().check(cfg, name)
         earlier = list(cfg.stage)[: list(cfg.stage).index(name)]
         for index, source in enumerate(self.teachers):
-            teacher_source(source, earlier, f"stage.{name}.teachers[{index}]")
+            teacher_source(source, earlier, f"stage.{name}.teachers[{index}]", check_run=_check_run)
 
-    def prepare(self, model: nn.Module, ctx: Context) -> nn.Module:
+    def prepare(self, model: nn.Module, ctx: Context) -> PreparedStudent:
         where = f"stage.{ctx.stage_name}"
         teacher_cfg = OmegaConf.create(self.teacher_model) if self.teacher_model is not None else None
-        self._teachers = [
-            resolve_teacher(source, ctx.models, teacher_cfg or ctx.cfg.model, ctx.build_model, f"{where}.teachers[{index}]")
+        teachers = [
+            resolve_teacher(source, ctx.models, teacher_cfg or ctx.cfg.model, ctx.build_model, ctx.load_run, f"{where}.teachers[{index}]")
             for index, source in enumerate(self.teachers)
         ]
         if self.keep_every is not None:
-            return derive_student(self._teachers[0], self.keep_every, f"{where}.keep_every").to(ctx.device)
-        return ctx.build_model(OmegaConf.create(self.student), seeded=True)
+            return PreparedStudent(derive_student(teachers[0], self.keep_every, f"{where}.keep_every").to(ctx.device), teachers)
+        return PreparedStudent(ctx.build_model(OmegaConf.create(self.student), seeded=True), teachers)
 
-    def run(self, name: str, model: nn.Module, ctx: Context) -> nn.Module:
+    def run(self, name: str, prepared: PreparedStudent, ctx: Context) -> StageResult:  # type: ignore[override]
         where = f"stage.{name}"
+        model, teachers = prepared.model, prepared.teachers
         features = None
         if self.features:
-            example = ctx.data.example_batch(2)
-            features = FeatureMatch.build(model, self._teachers[0], parse_pairs(self.features, f"{where}.features"), example, f"{where}.features")
-        loss = DistillLoss(self._teachers, self.temperature, self.alpha, features)
+            features = FeatureMatch.build(model, teachers[0], parse_pairs(self.features, f"{where}.features"), ctx.example_batch(2), f"{where}.features")
+        loss = DistillLoss(teachers, self.temperature, self.alpha, features)
         train = ctx.data.train
         if self.cache_teacher:
-            train = cache_teacher_outputs(train, loss.teacher_logits, ctx.device, f"{where}.cache_teacher")
+            train = cache_teacher_outputs(train, loss.teacher_logits, ctx.device, f"{where}.cache_teacher", split=ctx.task.split)
         try:
-            result = make_trainer(ctx, name, self._overrides(), loss_fn=loss).fit(model, train, ctx.data.val, resume=ctx.resume)
+            result = make_trainer(ctx, name, self.training_overrides(), loss_fn=loss).fit(model, train, ctx.data.val, resume=ctx.resume)
         finally:
             if features is not None:
                 features.close()
-        teacher_scores = [evaluate(teacher, ctx.data.test, ctx.precision)["accuracy"] for teacher in self._teachers]
-        ctx.extra.update({"epochs": result.epochs, "steps": result.steps, "best_val": result.best, "teacher_accuracy": teacher_scores})
-        return model
+        teacher_scores = [ctx.task.evaluate(teacher, ctx.data.test, ctx.precision)["accuracy"] for teacher in teachers]
+        return StageResult(model, {**fit_metrics(result), "teacher_accuracy": teacher_scores})

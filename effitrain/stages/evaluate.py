@@ -1,23 +1,18 @@
-"""`evaluate`: measure the model as it is; the ledger row shows test scores, size and latency,
-and this stage adds the validation scores beside them."""
+"""`evaluate`: measure the model as it is. Every ledger row has test and validation metrics,
+size and latency; this stage adds a row for the model unchanged (e.g. at the end of a chain)."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
-from torch import nn
-
-from effitrain.measure import evaluate
-from effitrain.stages.base import Context, Stage
+from effitrain.stages.base import Context, Prepared, Stage, StageResult
 
 
 @dataclass
 class Evaluate(Stage):
-    """Record validation loss/accuracy next to the test metrics every ledger row has."""
+    """A ledger row for the incoming model (test and validation metrics, size, latency)."""
 
     kind = "evaluate"
 
-    def run(self, name: str, model: nn.Module, ctx: Context) -> nn.Module:
-        scores = evaluate(model, ctx.data.val, ctx.precision)
-        ctx.extra.update({f"val_{key}": value for key, value in scores.items()})
-        return model
+    def run(self, name: str, prepared: Prepared, ctx: Context) -> StageResult:
+        return StageResult(prepared.model)

@@ -10,10 +10,11 @@ from pathlib import Path
 from typing import Any, Dict, Optional
 
 import torch
+from omegaconf import MISSING
 from torch import Tensor, nn
 
 from effitrain.checkpoint import load_weights, saved_shapes, write_json
-from effitrain.errors import ConfigError
+from effitrain.errors import ConfigError, require, require_choice
 from effitrain.prune.hook import MaskHook
 from effitrain.prune.masks import (
     apply_masks,
@@ -25,11 +26,10 @@ from effitrain.prune.masks import (
     saliency_scores,
     sparsity_table,
 )
-from effitrain.prune.structured import attention_modules, prune_channels, shrink_to
+from effitrain.prune.structured import prune_channels, shrink_to
 from effitrain.report import render_text
-from effitrain.stages.base import Context
+from effitrain.stages.base import Context, Prepared, StageResult
 from effitrain.stages.train import TrainingStage, make_trainer
-from effitrain.trainer import cross_entropy_loss
 
 log = logging.getLogger("effitrain")
 
@@ -38,9 +38,11 @@ SCHEDULES = ("oneshot", "iterative", "gradual", "rigl")
 DISTRIBUTIONS = ("global", "uniform")
 
 
-def _allowed(where: str, value: Any, allowed: tuple[str, ...]) -> None:
-    if value not in allowed:
-        raise ConfigError(f"{where} = {value!r} is not allowed (allowed: {', '.join(allowed)})")
+@dataclass
+class PreparedPrune(Prepared):
+    """The model to prune and example inputs for tracing its dependency graph."""
+
+    example: Any
 
 
 @dataclass
@@ -66,79 +68,72 @@ class Prune(TrainingStage):
     """
 
     kind = "prune"
-    granularity: str = "unstructured"
-    saliency: str = "l1"
-    sparsity: float = 0.5
-    distribution: str = "global"
-    overrides: Optional[Dict[str, float]] = None
-    schedule: str = "oneshot"
-    fine_tune: bool = True
-    rounds: int = 3
-    initial_sparsity: float = 0.0
-    begin_step: int = 0
-    end_step: Optional[int] = None
-    frequency: int = 10
-    drop_fraction: float = 0.3
-    n: int = 2
-    m: int = 4
-    taylor_batches: int = 8
+    granularity: str = MISSING
+    saliency: str = MISSING
+    sparsity: float = MISSING
+    distribution: str = MISSING
+    overrides: Optional[Dict[str, float]] = MISSING
+    schedule: str = MISSING
+    fine_tune: bool = MISSING
+    rounds: int = MISSING
+    initial_sparsity: float = MISSING
+    begin_step: int = MISSING
+    end_step: Optional[int] = MISSING
+    frequency: int = MISSING
+    drop_fraction: float = MISSING
+    n: int = MISSING
+    m: int = MISSING
+    taylor_batches: int = MISSING
 
     def __post_init__(self) -> None:
-        _allowed("granularity", self.granularity, GRANULARITIES)
-        _allowed("schedule", self.schedule, SCHEDULES)
-        _allowed("distribution", self.distribution, DISTRIBUTIONS)
+        require_choice("granularity", self.granularity, GRANULARITIES)
+        require_choice("schedule", self.schedule, SCHEDULES)
+        require_choice("distribution", self.distribution, DISTRIBUTIONS)
         check_saliency(self.saliency, "saliency")
-        if not 0 <= self.sparsity < 1:
-            raise ConfigError(f"sparsity = {self.sparsity} is not allowed (allowed: a number in [0, 1))")
-        if not 0 <= self.initial_sparsity <= self.sparsity:
-            raise ConfigError(f"initial_sparsity = {self.initial_sparsity} is not allowed (allowed: a number in [0, sparsity={self.sparsity}])")
-        if not 1 <= self.n < self.m:
-            raise ConfigError(f"n = {self.n}, m = {self.m} is not allowed (allowed: 1 <= n < m, e.g. 2:4)")
+        require(0 <= self.sparsity < 1, "sparsity", self.sparsity, "a number in [0, 1)")
+        require(0 <= self.initial_sparsity <= self.sparsity, "initial_sparsity", self.initial_sparsity, f"a number in [0, sparsity={self.sparsity}]")
+        require(1 <= self.n < self.m, "n:m", f"{self.n}:{self.m}", "1 <= n < m, e.g. 2:4")
         for key in ("rounds", "frequency", "taylor_batches"):
-            if getattr(self, key) < 1:
-                raise ConfigError(f"{key} = {getattr(self, key)} is not allowed (allowed: an integer >= 1)")
-        if not 0 < self.drop_fraction < 1:
-            raise ConfigError(f"drop_fraction = {self.drop_fraction} is not allowed (allowed: a number in (0, 1))")
-        if self.granularity == "structured" and self.schedule in ("gradual", "rigl"):
-            raise ConfigError(f"schedule = {self.schedule!r} is not allowed with granularity 'structured' (allowed: oneshot, iterative)")
-        if self.granularity == "nm" and self.schedule != "oneshot":
-            raise ConfigError(f"schedule = {self.schedule!r} is not allowed with granularity 'nm' (allowed: oneshot)")
+            require(getattr(self, key) >= 1, key, getattr(self, key), "an integer >= 1")
+        require(0 < self.drop_fraction < 1, "drop_fraction", self.drop_fraction, "a number in (0, 1)")
+        if self.granularity == "structured":
+            require(self.schedule in ("oneshot", "iterative"), "schedule", self.schedule, "oneshot, iterative (with granularity 'structured')")
+        if self.granularity == "nm":
+            require(self.schedule == "oneshot", "schedule", self.schedule, "oneshot (with granularity 'nm')")
         for pattern, value in (self.overrides or {}).items():
-            if not 0 <= float(value) < 1:
-                raise ConfigError(f"overrides.{pattern} = {value} is not allowed (allowed: a sparsity in [0, 1))")
+            require(0 <= float(value) < 1, f"overrides.{pattern}", value, "a sparsity in [0, 1)")
 
-    def prepare(self, model: nn.Module, ctx: Context) -> nn.Module:
-        self._example = ctx.data.example_batch(2)
-        return model
+    def prepare(self, model: nn.Module, ctx: Context) -> PreparedPrune:
+        return PreparedPrune(model, ctx.example_batch(2))
 
     # -- run ----------------------------------------------------------------------------------
 
-    def run(self, name: str, model: nn.Module, ctx: Context) -> nn.Module:
+    def run(self, name: str, prepared: PreparedPrune, ctx: Context) -> StageResult:  # type: ignore[override]
         where = f"stage.{name}"
+        model = prepared.model
         own = layer_sparsities(list(prunable(model)), self.sparsity, self.overrides or {}, f"{where}.overrides")
-        taylor = list(itertools.islice(ctx.data.train, self.taylor_batches)) if self.saliency == "taylor" else None
+        taylor = [ctx.task.split(batch) for batch in itertools.islice(ctx.data.train, self.taylor_batches)] if self.saliency == "taylor" else None
         if self.granularity == "structured":
-            model = self._structured(name, model, ctx, own, taylor, where)
+            model = self._structured(name, model, prepared.example, ctx, own, taylor, where)
         else:
             self._masked(name, model, ctx, own, taylor, where)
         rows = sparsity_table(model)
         write_json(ctx.run_dir / "pruning" / f"{name}.json", rows)
         log.info("[%s] per-layer sparsity\n%s", name, render_text(_table(name, rows)).rstrip())
-        ctx.extra.update({"granularity": self.granularity, "schedule": self.schedule, "target_sparsity": self.sparsity})
-        return model
+        return StageResult(model, {"granularity": self.granularity, "schedule": self.schedule, "target_sparsity": self.sparsity})
 
-    def _structured(self, name: str, model: nn.Module, ctx: Context, own: dict, taylor: list | None, where: str) -> nn.Module:
+    def _structured(self, name: str, model: nn.Module, example: Any, ctx: Context, own: dict, taylor: list | None, where: str) -> nn.Module:
         rounds = self.rounds if self.schedule == "iterative" else 1
         for round_index in range(1, rounds + 1):
             # each round removes a share of what is left, so `rounds` rounds remove `sparsity` in all
             keep = (1 - self.sparsity) ** (1 / rounds)
             round_own = {key: (None if value is None else 1 - (1 - value) ** (1 / rounds)) for key, value in own.items()}
-            prune_channels(model, self._example, 1 - keep, round_own, self.saliency, self.distribution, where,
-                           taylor, cross_entropy_loss, ctx.device)
+            prune_channels(model, example, 1 - keep, round_own, self.saliency, self.distribution, where,
+                           taylor, ctx.task.loss, ctx.device)
             if self.fine_tune:
                 stage = name if rounds == 1 else f"{name}_round{round_index}"
                 # the architecture changes between rounds: a killed stage restarts from its input
-                make_trainer(ctx, stage, self._overrides()).fit(model, ctx.data.train, ctx.data.val, resume=ctx.resume and rounds == 1)
+                make_trainer(ctx, stage, self.training_overrides()).fit(model, ctx.data.train, ctx.data.val, resume=ctx.resume and rounds == 1)
         return model
 
     def _masked(self, name: str, model: nn.Module, ctx: Context, own: dict, taylor: list | None, where: str) -> None:
@@ -146,7 +141,7 @@ class Prune(TrainingStage):
 
         def remask(current: nn.Module, target: float) -> dict[str, Tensor]:
             names = [layer for layer in own if self.granularity != "nm" or own[layer] != 0]
-            scores = saliency_scores(current, self.saliency, names, taylor, cross_entropy_loss, ctx.device,
+            scores = saliency_scores(current, self.saliency, names, taylor, ctx.task.loss, ctx.device,
                                      torch.Generator().manual_seed(ctx.cfg.seed))
             if hook is not None:  # pruned weights stay pruned as the schedule advances
                 for layer, mask in hook.masks.items():
@@ -175,20 +170,16 @@ class Prune(TrainingStage):
         if not train:
             apply_masks(model, hook.masks)
             return
-        overrides = self._overrides()
-        if not restore_best:  # the best epoch may predate the final sparsity or masks
-            overrides = {**overrides, "trainer": {**overrides["trainer"], "restore_best": False}}
+        # without restore_best: the best epoch may predate the final sparsity or masks
+        overrides = self.training_overrides() if restore_best else self.training_overrides(restore_best=False)
         make_trainer(ctx, name, overrides, hooks=[hook]).fit(model, ctx.data.train, ctx.data.val, resume=ctx.resume)
 
     # -- resume of a completed stage ----------------------------------------------------------
 
-    def load_model(self, model: nn.Module, path: Path) -> nn.Module:
-        if self.granularity == "structured" and attention_modules(model):
-            # same incoming weights, same saliency: the same heads and neurons go again
-            own = layer_sparsities(list(prunable(model)), self.sparsity, self.overrides or {}, "overrides")
-            prune_channels(model, self._example, self.sparsity, own, self.saliency if self.saliency != "taylor" else "l1", self.distribution, "prune")
-        elif self.granularity == "structured":
-            shrink_to(model, saved_shapes(path), self._example)
+    def load_model(self, prepared: PreparedPrune, path: Path) -> nn.Module:  # type: ignore[override]
+        model = prepared.model
+        if self.granularity == "structured":  # the shapes the run kept, read from the saved file
+            shrink_to(model, saved_shapes(path), prepared.example)
         return load_weights(model, path)
 
 

@@ -1,45 +1,48 @@
-"""`train`: fit the model with the one trainer (plain cross-entropy). Also home of
-`make_trainer`, which every training-based stage (distill, prune, QAT) uses to get the loop."""
+"""`train`: fit the model with the one trainer and the task's loss. Also home of
+`make_trainer`, which every training-based stage (distill, prune, QAT, …) uses to get the loop."""
 
 from __future__ import annotations
 
+import inspect
 from dataclasses import dataclass, field
-from typing import Any, Dict, Optional, Sequence
+from typing import Any, Callable, Dict, Optional, Sequence
 
 from hydra.utils import instantiate
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import MISSING, DictConfig, OmegaConf
 from torch import nn
 
-from effitrain.config.schema import validate
+from effitrain.config.schema import TrainerConfig, merge_training
 from effitrain.errors import ConfigError
-from effitrain.stages.base import Context, Stage
-from effitrain.trainer import Hook, Trainer, TrainerSettings, cross_entropy_loss
+from effitrain.stages.base import Context, Prepared, Stage, StageResult
+from effitrain.trainer import FitResult, Hook, Trainer
 from effitrain.trainer.loop import LossFn
 
 
-def stage_training_config(cfg: DictConfig, name: str, overrides: dict[str, dict]) -> DictConfig:
-    """Merge a stage's `trainer`/`optimizer`/`scheduler` overrides onto the global ones and check them.
-
-    Returns:
-        The whole config with the stage's overrides applied.
-
-    Raises:
-        ConfigError: prefixed with `stage.<name>.` when an override is invalid.
-    """
-    given = {section: {key: value for key, value in values.items() if value is not None} for section, values in overrides.items()}
-    merged = OmegaConf.merge(cfg, {section: values for section, values in given.items() if values})
+def _instantiate(node: DictConfig, section: str) -> Any:
     try:
-        validate(merged)
-    except ConfigError as error:
-        raise ConfigError(f"stage.{name}.{error}") from None
-    return merged
+        return instantiate(node)
+    except Exception as error:  # instantiate wraps import and argument errors alike
+        cause = error.__cause__ or error
+        raise ConfigError(f"{section}: cannot build {node.get('_target_')!r} ({str(cause).splitlines()[0]})") from None
+
+
+def scheduler_factory(node: DictConfig) -> Callable[[Any, int], Any]:
+    """`make(optimizer, total_steps)` from a `scheduler` config: its `_target_` is called with the
+    optimizer, and with `total_steps` when it takes that argument (effitrain's and OneCycleLR do)."""
+    partial = _instantiate(node, "scheduler")
+    function = getattr(partial, "func", partial)
+    try:
+        takes_total = "total_steps" in inspect.signature(function).parameters
+    except (TypeError, ValueError):
+        takes_total = False
+    return lambda optimizer, total_steps: partial(optimizer, total_steps=total_steps) if takes_total else partial(optimizer)
 
 
 def make_trainer(
     ctx: Context,
     name: str,
     overrides: dict[str, dict],
-    loss_fn: LossFn = cross_entropy_loss,
+    loss_fn: LossFn | None = None,
     hooks: Sequence[Hook] = (),
 ) -> Trainer:
     """The trainer for stage `name`: global trainer/optimizer/scheduler config plus the stage's overrides.
@@ -47,29 +50,23 @@ def make_trainer(
     Args:
         ctx: the stage context.
         name: stage name (logs, checkpoint folder).
-        overrides: {"trainer": {...}, "optimizer": {...}, "scheduler": {...}} from the stage config.
-        loss_fn: the training loss.
+        overrides: {"trainer": {...}, "optimizer": {...}, "scheduler": {...}} from the stage config
+            (checked when the stage was built).
+        loss_fn: the training loss (default: the task's).
         hooks: per-step hooks.
     """
-    cfg = stage_training_config(ctx.cfg, name, overrides)
-    settings = TrainerSettings(
-        **OmegaConf.to_container(cfg.trainer, resolve=True),  # type: ignore[arg-type]
-        scheduler=cfg.scheduler.name,
-        warmup_steps=cfg.scheduler.warmup_steps,
-        min_lr_ratio=cfg.scheduler.min_lr_ratio,
-    )
-    optimizer_cfg = cfg.optimizer
-
-    def make_optimizer(params: list[nn.Parameter]) -> Any:
-        try:
-            return instantiate(optimizer_cfg)(params)
-        except Exception as error:  # instantiate wraps import and argument errors
-            cause = error.__cause__ or error
-            raise ConfigError(f"optimizer: cannot build {optimizer_cfg.get('_target_')!r} ({str(cause).splitlines()[0]})") from None
-
+    sections = merge_training(ctx.cfg, overrides, f"stage.{name}", check=False)
+    settings = TrainerConfig(**OmegaConf.to_container(sections.trainer))  # type: ignore[arg-type]
+    optimizer = _instantiate(sections.optimizer, "optimizer")
     return Trainer(
-        settings, make_optimizer, ctx.precision, ctx.logger, name, ctx.checkpoint_dir(name), loss_fn=loss_fn, hooks=hooks
+        settings, lambda params: optimizer(params), scheduler_factory(sections.scheduler), ctx.precision, ctx.logger, name,
+        ctx.checkpoint_dir(name), task=ctx.task, loss_fn=loss_fn, hooks=hooks,
     )
+
+
+def fit_metrics(result: FitResult) -> dict[str, Any]:
+    """The ledger metrics every training stage reports."""
+    return {"epochs": result.epochs, "steps": result.steps, "best_val": result.best}
 
 
 @dataclass
@@ -78,7 +75,7 @@ class TrainingStage(Stage):
 
     Fields:
         trainer, optimizer, scheduler: overrides of the global sections for this stage only
-            (null values mean "use the global value").
+            (null values mean "use the global value"; conf/stage/_training lists the keys).
     """
 
     trainer: Dict[str, Any] = field(default_factory=dict)
@@ -86,10 +83,12 @@ class TrainingStage(Stage):
     scheduler: Dict[str, Any] = field(default_factory=dict)
 
     def check(self, cfg: DictConfig, name: str) -> None:
-        stage_training_config(cfg, name, self._overrides())
+        super().check(cfg, name)
+        merge_training(cfg, self.training_overrides(), f"stage.{name}")
 
-    def _overrides(self) -> dict[str, dict]:
-        return {"trainer": self.trainer, "optimizer": self.optimizer, "scheduler": self.scheduler}
+    def training_overrides(self, **trainer: Any) -> dict[str, dict]:
+        """This stage's overrides; keyword arguments override trainer keys for one fit."""
+        return {"trainer": {**self.trainer, **trainer}, "optimizer": self.optimizer, "scheduler": self.scheduler}
 
 
 @dataclass
@@ -103,12 +102,11 @@ class Train(TrainingStage):
     """
 
     kind = "train"
-    model: Optional[Dict[str, Any]] = None
+    model: Optional[Dict[str, Any]] = MISSING
 
-    def prepare(self, model: nn.Module, ctx: Context) -> nn.Module:
-        return ctx.build_model(OmegaConf.create(self.model), seeded=True) if self.model is not None else model
+    def prepare(self, model: nn.Module, ctx: Context) -> Prepared:
+        return Prepared(ctx.build_model(OmegaConf.create(self.model), seeded=True) if self.model is not None else model)
 
-    def run(self, name: str, model: nn.Module, ctx: Context) -> nn.Module:
-        result = make_trainer(ctx, name, self._overrides()).fit(model, ctx.data.train, ctx.data.val, resume=ctx.resume)
-        ctx.extra.update({"epochs": result.epochs, "steps": result.steps, "best_val": result.best})
-        return model
+    def run(self, name: str, prepared: Prepared, ctx: Context) -> StageResult:
+        result = make_trainer(ctx, name, self.training_overrides()).fit(prepared.model, ctx.data.train, ctx.data.val, resume=ctx.resume)
+        return StageResult(prepared.model, fit_metrics(result))

@@ -1,7 +1,8 @@
 """The one training loop. Distillation, gradual pruning and QAT reuse it through a loss
-function and per-step hooks instead of copying it."""
+function and per-step hooks instead of copying it; a `Task` says what a batch is."""
 
+from effitrain.config.schema import TrainerConfig
 from effitrain.trainer.hooks import Hook
-from effitrain.trainer.loop import FitResult, Trainer, TrainerSettings, cross_entropy_loss
+from effitrain.trainer.loop import FitResult, Trainer
 
-__all__ = ["FitResult", "Hook", "Trainer", "TrainerSettings", "cross_entropy_loss"]
+__all__ = ["FitResult", "Hook", "Trainer", "TrainerConfig"]

@@ -18,45 +18,22 @@ from typing import Any, Callable, Iterable, Sequence
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
-from effitrain.batch import batch_size, forward, move
+from effitrain.batch import batch_size, move
 from effitrain.checkpoint import load_state, load_weights, save_state, save_weights
-from effitrain.errors import TrainingError
-from effitrain.measure import evaluate
+from effitrain.config.schema import TrainerConfig
+from effitrain.errors import ConfigError, TrainingError
 from effitrain.precision import PrecisionPolicy
 from effitrain.runlog import RunLogger
+from effitrain.tasks import Classification, Task
 from effitrain.trainer.hooks import Hook
 from effitrain.trainer.progress import Progress
-from effitrain.trainer.schedule import build_scheduler
 
 log = logging.getLogger("effitrain")
 
-LossFn = Callable[[nn.Module, Any, Tensor], Tensor]
-
-
-def cross_entropy_loss(model: nn.Module, inputs: Any, labels: Tensor) -> Tensor:
-    """The default loss: cross-entropy of the model's logits against the labels."""
-    return F.cross_entropy(forward(model, inputs), labels)
-
-
-@dataclass
-class TrainerSettings:
-    """The `trainer` and `scheduler` config sections (see conf/trainer, conf/scheduler)."""
-
-    max_epochs: int
-    max_steps: int | None = None
-    grad_accum_steps: int = 1
-    grad_clip_norm: float | None = None
-    monitor: str = "val_accuracy"
-    restore_best: bool = True
-    early_stopping_patience: int | None = None
-    log_every_steps: int = 10
-    progress: str = "auto"
-    scheduler: str = "cosine"
-    warmup_steps: int = 0
-    min_lr_ratio: float = 0.0
+LossFn = Callable[[nn.Module, Any, Any], Tensor]
+SchedulerFactory = Callable[[torch.optim.Optimizer, int], Any]
 
 
 @dataclass
@@ -73,36 +50,46 @@ class Trainer:
     """Trains a model with `loss_fn` and `hooks`, validating and checkpointing every epoch.
 
     Args:
-        settings: loop settings.
+        settings: loop settings (the `trainer` config section).
         make_optimizer: builds the optimizer from a list of parameters.
+        make_scheduler: builds the lr scheduler from the optimizer and the stage's total steps.
         precision: the precision policy (device, autocast, fp16 scaler).
         logger: metrics sink (metrics.jsonl + TensorBoard).
         stage: name of the stage, used in logs.
         checkpoint_dir: folder for this stage's `last.*` and `best.safetensors`.
-        loss_fn: `loss_fn(model, inputs, labels) -> loss`; an nn.Module loss is trained and
-            checkpointed along with the model (e.g. distillation projections).
+        task: what a batch is, the default loss and the validation metrics (default: classification).
+        loss_fn: `loss_fn(model, inputs, targets) -> loss` (default: the task's loss); an
+            nn.Module loss is trained and checkpointed along with the model (e.g. distillation projections).
         hooks: per-step hooks.
     """
 
     def __init__(
         self,
-        settings: TrainerSettings,
+        settings: TrainerConfig,
         make_optimizer: Callable[[list[nn.Parameter]], torch.optim.Optimizer],
+        make_scheduler: SchedulerFactory,
         precision: PrecisionPolicy,
         logger: RunLogger,
         stage: str,
         checkpoint_dir: Path,
-        loss_fn: LossFn = cross_entropy_loss,
+        task: Task | None = None,
+        loss_fn: LossFn | None = None,
         hooks: Sequence[Hook] = (),
     ) -> None:
         self.settings = settings
         self.make_optimizer = make_optimizer
+        self.make_scheduler = make_scheduler
         self.precision = precision
         self.logger = logger
         self.stage = stage
         self.checkpoint_dir = checkpoint_dir
-        self.loss_fn = loss_fn
+        self.task = task if task is not None else Classification()
+        self.loss_fn: LossFn = loss_fn if loss_fn is not None else self.task.loss
         self.hooks = list(hooks)
+        self.monitor = settings.monitor[len("val_"):]
+        if self.monitor not in self.task.metrics:
+            allowed = ", ".join(f"val_{metric}" for metric in self.task.metrics)
+            raise ConfigError(f"trainer.monitor = {settings.monitor!r}: {self.task.name} reports no such metric (allowed: {allowed})")
         self.epoch = 0
         self.step = 0
         self.total_steps = 0
@@ -135,7 +122,7 @@ class Trainer:
         if settings.max_steps is not None:
             total_steps = min(total_steps, settings.max_steps)
         self.total_steps = total_steps  # hooks read it (e.g. a pruning schedule's end)
-        scheduler = build_scheduler(self.optimizer, settings.scheduler, settings.warmup_steps, total_steps, settings.min_lr_ratio)
+        scheduler = self.make_scheduler(self.optimizer, total_steps)
         best, stale_epochs, stopped_early = None, 0, False
         if resume and self._last_state_path.exists():
             best, stale_epochs = self._restore(scheduler)
@@ -146,10 +133,10 @@ class Trainer:
         try:
             while self.epoch < settings.max_epochs and self.step < total_steps and not stopped_early:
                 metrics = self._run_epoch(train_loader, scheduler, total_steps, progress)
-                metrics.update({f"val_{key}": value for key, value in evaluate(model, val_loader, self.precision).items()})
+                metrics.update({f"val_{key}": value for key, value in self.task.evaluate(model, val_loader, self.precision).items()})
                 self.epoch += 1
                 current = metrics[settings.monitor]
-                if best is None or (current > best if settings.monitor == "val_accuracy" else current < best):
+                if self.task.better(self.monitor, current, best):
                     best, stale_epochs = current, 0
                     save_weights(model, self.checkpoint_dir / "best.safetensors")
                 else:
@@ -174,9 +161,10 @@ class Trainer:
     def _run_epoch(self, loader: Iterable, scheduler: Any, total_steps: int, progress: Progress) -> dict[str, float]:
         settings, precision, model, optimizer = self.settings, self.precision, self.model, self.optimizer
         assert model is not None and optimizer is not None
-        sampler = getattr(loader, "sampler", None)
-        if hasattr(sampler, "set_epoch"):
-            sampler.set_epoch(self.epoch)  # type: ignore[union-attr]
+        # the data order depends only on (seed, epoch): a loader (or its sampler) that can be told the epoch is
+        set_epoch = getattr(loader, "set_epoch", None) or getattr(getattr(loader, "sampler", None), "set_epoch", None)
+        if set_epoch is not None:
+            set_epoch(self.epoch)
         for hook in self.hooks:
             hook.on_epoch_start(self)
         model.train()
@@ -184,10 +172,11 @@ class Trainer:
         batches = len(loader)  # type: ignore[arg-type]
         loss_sum, loss_count, samples, started = 0.0, 0, 0, time.perf_counter()
         window_loss = torch.zeros((), device=precision.device)
-        for index, (inputs, labels) in enumerate(loader):
-            inputs, labels = move(inputs, precision.device), move(labels, precision.device)
+        for index, batch in enumerate(loader):
+            inputs, targets = self.task.split(batch)
+            inputs, targets = move(inputs, precision.device), move(targets, precision.device)
             with precision.autocast():
-                loss = self.loss_fn(model, inputs, labels)
+                loss = self.loss_fn(model, inputs, targets)
             window_loss += loss.detach()
             scaled = loss / accum if accum > 1 else loss  # no extra autograd node without accumulation
             if precision.scaler is not None:

@@ -1,5 +1,6 @@
 """Learning-rate schedules as multipliers of the peak rate: linear warm-up, then cosine,
-linear or constant, over the run's optimizer steps."""
+linear or constant, over the run's optimizer steps. `cosine`, `linear` and `constant` are the
+`_target_`s of conf/scheduler/ (the trainer calls them with the optimizer and total_steps)."""
 
 from __future__ import annotations
 
@@ -37,3 +38,18 @@ def lr_multiplier(step: int, name: str, warmup_steps: int, total_steps: int, min
 def build_scheduler(optimizer: Optimizer, name: str, warmup_steps: int, total_steps: int, min_lr_ratio: float) -> LambdaLR:
     """A LambdaLR applying `lr_multiplier` to every parameter group's peak rate."""
     return LambdaLR(optimizer, lambda step: lr_multiplier(step, name, warmup_steps, total_steps, min_lr_ratio))
+
+
+def cosine(optimizer: Optimizer, total_steps: int, warmup_steps: int, min_lr_ratio: float) -> LambdaLR:
+    """Linear warm-up, then cosine decay to `min_lr_ratio` of the peak at `total_steps`."""
+    return build_scheduler(optimizer, "cosine", warmup_steps, total_steps, min_lr_ratio)
+
+
+def linear(optimizer: Optimizer, total_steps: int, warmup_steps: int, min_lr_ratio: float) -> LambdaLR:
+    """Linear warm-up, then linear decay to `min_lr_ratio` of the peak at `total_steps`."""
+    return build_scheduler(optimizer, "linear", warmup_steps, total_steps, min_lr_ratio)
+
+
+def constant(optimizer: Optimizer, total_steps: int, warmup_steps: int, min_lr_ratio: float) -> LambdaLR:
+    """Linear warm-up, then the peak rate (`min_lr_ratio` is unused)."""
+    return build_scheduler(optimizer, "constant", warmup_steps, total_steps, min_lr_ratio)

@@ -1,0 +1,166 @@
+"""Run folders: where a stage's model is saved, reading and checking a folder before anything
+uses it, and the one replay of a recipe's stages that both a run and `load_run_model` walk.
+
+`replay` prepares each stage in order and either loads what a completed stage saved or hands
+the stage to `execute` (the pipeline's: run, save, measure, ledger). A resumed run and a model
+rebuilt in a fresh process therefore rebuild structures (students, pruned shapes, quantized
+layers) by the same code.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import tempfile
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+from torch import nn
+
+from effitrain.errors import ConfigError
+from effitrain.stages.base import Context, Prepared, Stage
+
+log = logging.getLogger("effitrain")
+
+Execute = Callable[[int, str, Stage, Prepared, Path], nn.Module]
+
+
+def model_file(run_dir: Path, index: int, name: str, stage: Stage) -> Path:
+    """Where stage number `index` (named `name`) of a run saves its resulting model."""
+    return run_dir / "checkpoints" / f"{index:02d}_{name}{stage.model_suffix}"
+
+
+def read_summary(run_dir: Path) -> dict[str, Any]:
+    """A run folder's summary.json, checked to be a ledger.
+
+    Raises:
+        ConfigError: not a run folder, or a summary.json that is not a readable ledger (named).
+    """
+    path, config = run_dir / "summary.json", run_dir / ".hydra" / "config.yaml"
+    if not path.is_file() or not config.is_file():
+        raise ConfigError(f"{run_dir}: not an effitrain run folder (no summary.json or .hydra/config.yaml)")
+    try:
+        summary = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise ConfigError(f"{path}: not a readable ledger ({type(error).__name__}: {str(error).splitlines()[0][:120]}); the folder is left as it is") from None
+    if not isinstance(summary, dict) or not isinstance(summary.get("stages"), list) or not all(
+        isinstance(row, dict) and isinstance(row.get("name"), str) for row in summary["stages"]
+    ):
+        raise ConfigError(f"{path}: not a readable ledger (no list of stage rows); the folder is left as it is")
+    return summary
+
+
+def completed_stage(run_dir: Path, stage: Optional[str]) -> str:
+    """The name of `stage` (default: the last completed one) after checking the run completed it.
+
+    Raises:
+        ConfigError: not a run folder, or no such completed stage (listing the completed ones).
+    """
+    completed = [row["name"] for row in read_summary(run_dir)["stages"]]
+    name = stage if stage is not None else (completed[-1] if completed else None)
+    if name not in completed:
+        raise ConfigError(f"{run_dir}: no completed stage {name!r} (allowed: {', '.join(completed) or 'none'})")
+    return name  # type: ignore[return-value]
+
+
+def _check_file(path: Path) -> None:
+    """Read enough of a checkpoint file to know it loads (a safetensors header, a torch state file)."""
+    try:
+        if path.suffix == ".safetensors":
+            from effitrain.checkpoint import saved_shapes
+
+            saved_shapes(path)
+        else:
+            from effitrain.checkpoint import load_state
+
+            load_state(path)
+    except Exception as error:  # safetensors and torch raise many types for a damaged file
+        raise ConfigError(f"{path}: damaged or truncated ({type(error).__name__}: {str(error).splitlines()[0][:120]}); "
+                          "the run folder is left as it is") from None
+
+
+def check_resumable(run_dir: Path) -> None:
+    """Everything a resume will read: the ledger, every completed stage's model file, and the
+    interrupted stage's epoch checkpoints. Nothing is written.
+
+    Raises:
+        ConfigError: one line naming the first file that cannot be read.
+    """
+    if not (run_dir / ".hydra" / "overrides.yaml").is_file():
+        raise ConfigError(f"{run_dir}: not an effitrain run folder (no .hydra/overrides.yaml)")
+    summary = read_summary(run_dir)
+    if summary.get("status") == "completed":
+        raise ConfigError(f"{run_dir}: the run already completed; nothing to resume")
+    checkpoints = run_dir / "checkpoints"
+    for index, row in enumerate(summary["stages"]):
+        saved = sorted(checkpoints.glob(f"{index:02d}_{row['name']}.*"))
+        if not saved:
+            raise ConfigError(f"{checkpoints}: no saved model of completed stage {row['name']!r}; the run folder is left as it is")
+        _check_file(saved[0])
+    for path in sorted(checkpoints.glob("*/*")) if checkpoints.is_dir() else []:
+        if path.suffix in (".safetensors", ".pt") and not path.name.startswith("."):
+            _check_file(path)
+
+
+def replay(stages: dict[str, Stage], model: nn.Module, ctx: Context, run_dir: Path, completed: set[str],
+           execute: Execute | None, upto: Optional[str] = None) -> nn.Module:
+    """Walk the stages in order: load the completed ones, `execute` the others; stop after `upto`.
+
+    Returns:
+        The last stage's model.
+    """
+    for index, (name, stage) in enumerate(stages.items()):
+        saved = model_file(run_dir, index, name, stage)
+        ctx.stage_name = name
+        prepared = stage.prepare(model, ctx)
+        if name in completed:
+            model = stage.load_model(prepared, saved)
+            if execute is not None:
+                log.info("[%s] already completed; loaded %s", name, saved.name)
+        else:
+            assert execute is not None, f"stage {name} has not completed"
+            model = execute(index, name, stage, prepared, saved)
+        ctx.models[name] = model
+        if name == upto:
+            break
+    return model
+
+
+def load_run_model(run_dir: Path, stage: Optional[str] = None) -> tuple[nn.Module, Any]:
+    """Rebuild the model a completed stage of a run saved, in any process (e.g. a fresh one).
+
+    The run's stages are replayed the way a resumed run replays completed ones. Nothing in the
+    run folder is written.
+
+    Args:
+        run_dir: an effitrain run folder.
+        stage: the stage whose model to return (default: the last completed one).
+
+    Returns:
+        (model in eval mode, the run's DataBundle).
+
+    Raises:
+        ConfigError: not a run folder, or no such completed stage.
+    """
+    from omegaconf import OmegaConf
+
+    from effitrain.config.compose import register_resolvers
+    from effitrain.pipeline import build_data, make_plan, seed_everything
+    from effitrain.runlog import RunLogger
+    from effitrain.stages.base import build_model
+
+    name = completed_stage(run_dir, stage)
+    register_resolvers()
+    plan = make_plan(OmegaConf.load(run_dir / ".hydra" / "config.yaml"))
+    seed_everything(plan.cfg.seed)
+    data = build_data(plan.cfg)
+    with tempfile.TemporaryDirectory() as scratch:
+        logger = RunLogger(Path(scratch), tensorboard=False)
+        ctx = Context(cfg=plan.cfg, precision=plan.precision, data=data, task=plan.task, run_dir=run_dir, logger=logger,
+                      resume=True, load_run=lambda path, which: load_run_model(path, which)[0])
+        model = build_model(plan.cfg.model).to(plan.precision.device)
+        try:
+            model = replay(plan.stages, model, ctx, run_dir, set(plan.stages), None, upto=name)
+        finally:
+            logger.close()
+    return model.eval(), data
