@@ -15,9 +15,18 @@ TINY = ["recipe=baseline", "data=synthetic", "model=mlp", "model.hidden=[16]", "
         "measure.repeats=10", "measure.warmup=1"]
 
 
-def run_cli(*args: str, cwd: Path, timeout: float = 240) -> subprocess.CompletedProcess:
-    """Run `effitrain ARGS` in `cwd` and return the finished process (text output)."""
+TESTS_DIR = Path(__file__).resolve().parent
+
+
+def run_cli(*args: str, cwd: Path, timeout: float = 240, user_code: bool = False) -> subprocess.CompletedProcess:
+    """Run `effitrain ARGS` in `cwd` and return the finished process (text output).
+
+    Args:
+        user_code: put the tests folder on PYTHONPATH, as a user's own package (userplugins.py).
+    """
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    if user_code:
+        env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(TESTS_DIR), env.get("PYTHONPATH", "")]))
     return subprocess.run(
         [sys.executable, "-m", "effitrain.cli", *args], cwd=cwd, capture_output=True, text=True, timeout=timeout, env=env
     )

@@ -107,3 +107,39 @@ def test_bert_heads_and_ffn_neurons_are_pruned_physically(tiny_bert_dir, workdir
     assert layers["bert.encoder.layer.0.attention.self.query"] == [16, 32]  # 1 of 2 heads left (head size 16)
     assert layers["bert.encoder.layer.0.intermediate.dense"] == [32, 32]    # 64 -> 32 FFN neurons
     assert layers["bert.encoder.layer.0.output.dense"] == [32, 32]          # residual width kept
+
+
+def test_structured_bert_pruning_reloads_the_saved_shapes(tmp_path_factory, workdir) -> None:
+    """taylor saliency + global distribution + iterative rounds leave per-layer head and FFN
+    counts no re-pruning could guess; the reload reads them from the saved file."""
+    from transformers import BertConfig, BertForSequenceClassification
+
+    from effitrain.precision import build_precision
+    from effitrain.runs import load_run_model
+    from effitrain.tasks import Classification
+
+    folder = tmp_path_factory.mktemp("bert4")
+    torch.manual_seed(0)
+    BertForSequenceClassification(BertConfig(vocab_size=30522, hidden_size=32, num_hidden_layers=6, num_attention_heads=4,
+                                             intermediate_size=64, max_position_embeddings=64)).save_pretrained(folder)
+    minilm = Path(resolve_pretrained("minilm"))
+    for name in ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "special_tokens_map.json"):
+        shutil.copy(minilm / name, folder / name)
+    result = run_cli(
+        "run", "recipe=prune_bert", f"model.pretrained={folder}", "data.max_length=16", "data.input_shape=[16]",
+        "trainer.max_epochs=1", "measure.repeats=10", "measure.warmup=1", "stage.pruned.saliency=taylor",
+        "stage.pruned.distribution=global", "stage.pruned.schedule=iterative", "stage.pruned.rounds=2", "stage.pruned.taylor_batches=2",
+        "~stage.evaluate", "hydra.run.dir=run", cwd=workdir, timeout=400,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    rows = {row["name"]: row["metrics"] for row in read_summary(workdir / "run")["stages"]}
+    saved = {row["layer"]: row["shape"] for row in __import__("json").loads((workdir / "run" / "pruning" / "pruned.json").read_text())}
+    model, data = load_run_model(workdir / "run", "pruned")
+    shapes = {name: list(module.weight.shape) for name, module in model.named_modules() if isinstance(module, torch.nn.Linear)}
+    assert shapes == saved
+    for index, layer in enumerate(model.bert.encoder.layer):
+        attention = layer.attention.self
+        assert attention.num_attention_heads * attention.attention_head_size == saved[f"bert.encoder.layer.{index}.attention.self.query"][0]
+    scores = Classification().evaluate(model, data.test, build_precision("fp32", torch.device("cpu")), keep_predictions=True)
+    assert scores["accuracy"] == rows["pruned"]["accuracy"]
+    assert scores["predictions"] == __import__("json").loads((workdir / "run" / "predictions" / "pruned.json").read_text())["predictions"]
