@@ -2,7 +2,7 @@
 
 A run measures each stage's latency right after the stage, minutes apart; on a shared machine
 other load can move one row by 2x. This reloads every completed stage's model from the run
-folder (effitrain.pipeline.load_run_model) and times them in alternation on the same batch,
+folder (effitrain.runs.load_run_model) and times them in alternation on the same batch,
 so the ratios to the first row are measured under the same conditions.
 
 Run: python benchmarks/ledger_latency.py RUN_DIR [--rounds 7] [--repeats 10] [--threads 2]
@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 
 from effitrain.batch import forward, move
-from effitrain.pipeline import load_run_model
+from effitrain.runs import load_run_model
 
 
 def main() -> None:

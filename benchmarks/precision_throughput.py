@@ -10,6 +10,7 @@ Run: python benchmarks/precision_throughput.py [--model resnet18] [--batch-size 
 from __future__ import annotations
 
 import argparse
+from functools import partial
 import statistics
 import tempfile
 import time
@@ -22,7 +23,8 @@ from effitrain.errors import ConfigError
 from effitrain.models.zoo import torchvision_model
 from effitrain.precision import build_precision, resolve_device
 from effitrain.runlog import RunLogger
-from effitrain.trainer import Trainer, TrainerSettings
+from effitrain.trainer import Trainer, TrainerConfig
+from effitrain.trainer.schedule import constant
 
 
 def main() -> None:
@@ -50,8 +52,8 @@ def main() -> None:
                 model = torchvision_model(args.model, num_classes=10, input_shape=(3, 32, 32))
                 folder = Path(tmp) / f"{name}{round_index}"
                 trainer = Trainer(
-                    TrainerSettings(max_epochs=1, progress="off", scheduler="constant", restore_best=False),
-                    lambda params: torch.optim.AdamW(params, lr=1e-3),
+                    TrainerConfig.with_defaults(max_epochs=1, progress="off", restore_best=False),
+                    lambda params: torch.optim.AdamW(params, lr=1e-3), partial(constant, warmup_steps=0, min_lr_ratio=1.0),
                     build_precision(name, device), RunLogger(folder, tensorboard=False), name, folder / "ckpt",
                 )
                 if device.type == "cuda":

@@ -25,7 +25,9 @@ import torch
 
 from effitrain.batch import forward
 from effitrain.checkpoint import save_weights
-from effitrain.stages.quantize import QuantSettings
+from effitrain.layers import select_layers
+from effitrain.quant import backends
+from effitrain.quant.backends import QUANTIZABLE, QuantSpec
 
 
 def median_ms(model: torch.nn.Module, inputs, repeats: int) -> float:
@@ -55,7 +57,9 @@ def variants(model: torch.nn.Module) -> dict[str, torch.nn.Module]:
     found = {"fp32": model}
     for backend in ("weight_only", "auto"):
         quantized = copy.deepcopy(model)
-        QuantSettings(bits=8, backend=backend).convert(quantized, cpu, "bench")
+        spec = QuantSpec(8, "symmetric", per_channel=True)
+        steps = backends.plan(backend, quantized, select_layers(quantized, [], "bench", QUANTIZABLE, "quantize"), cpu, spec, "bench")
+        quantized = backends.convert(quantized, steps, spec, None)
         found[f"int8 {backend}"] = quantized
     try:
         from torchao.quantization import Int8DynamicActivationInt8WeightConfig, Int8WeightOnlyConfig, quantize_

@@ -18,6 +18,7 @@ hits both alike; longer rounds gave per-round ratios from 0.70 to 1.14 here)
 from __future__ import annotations
 
 import argparse
+from functools import partial
 import statistics
 import tempfile
 import time
@@ -30,7 +31,8 @@ from effitrain.data.digits import build_digits
 from effitrain.models.cnn import SmallCNN
 from effitrain.precision import build_precision
 from effitrain.runlog import RunLogger
-from effitrain.trainer import Hook, Trainer, TrainerSettings
+from effitrain.trainer import Hook, Trainer, TrainerConfig
+from effitrain.trainer.schedule import constant
 
 
 class StepTimer(Hook):
@@ -72,8 +74,9 @@ def effitrain_loop(
 ) -> tuple[list[float], float]:
     timer = StepTimer()
     trainer = Trainer(
-        TrainerSettings(max_epochs=epochs, progress="off", scheduler="constant", restore_best=False),
+        TrainerConfig.with_defaults(max_epochs=epochs, progress="off", restore_best=False),
         lambda params: torch.optim.AdamW(params, lr=lr, weight_decay=0.01),
+        partial(constant, warmup_steps=0, min_lr_ratio=1.0),
         build_precision("fp32", torch.device("cpu")),
         RunLogger(folder, tensorboard=tensorboard),
         "bench",

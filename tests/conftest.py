@@ -56,18 +56,19 @@ def workdir(tmp_path: Path) -> Path:
 
 
 def trainer_config(**settings):
-    """A TrainerConfig with conf/trainer/default.yaml's defaults (the one source), `settings` applied."""
-    from effitrain.config import group_defaults
+    """A TrainerConfig with the YAML defaults, no progress bar, and `settings` applied."""
     from effitrain.trainer import TrainerConfig
 
-    return TrainerConfig(**{**group_defaults("trainer", "default"), "progress": "off", **settings})
+    return TrainerConfig.with_defaults(**{"progress": "off", **settings})
 
 
 def schedule(name: str = "cosine", warmup_steps: int = 0, min_lr_ratio: float = 0.0):
     """`make_scheduler(optimizer, total_steps)` for a Trainer built in Python."""
+    from functools import partial
+
     from effitrain.trainer import schedule as schedules
 
-    return lambda optimizer, total_steps: getattr(schedules, name)(optimizer, total_steps, warmup_steps, min_lr_ratio)
+    return partial(getattr(schedules, name), warmup_steps=warmup_steps, min_lr_ratio=min_lr_ratio)
 
 
 def negative_magnitude(name: str, weight):

@@ -40,6 +40,13 @@ class TrainerConfig:
     log_every_steps: int = MISSING
     progress: str = MISSING
 
+    @classmethod
+    def with_defaults(cls, **settings: Any) -> "TrainerConfig":
+        """The YAML defaults (conf/trainer/default.yaml) with `settings` applied, for Python callers."""
+        from effitrain.config import group_defaults
+
+        return cls(**{**group_defaults("trainer", "default"), **settings})
+
 
 @dataclass
 class MeasureConfig:

@@ -8,7 +8,7 @@ import torch
 from torch.utils.data import TensorDataset
 
 from effitrain.data.bundle import DataBundle, make_bundle, split_indices
-from effitrain.errors import ConfigError, require
+from effitrain.errors import require
 
 
 def build_synthetic(

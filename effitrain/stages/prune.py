@@ -14,7 +14,7 @@ from omegaconf import MISSING
 from torch import Tensor, nn
 
 from effitrain.checkpoint import load_weights, saved_shapes, write_json
-from effitrain.errors import ConfigError, require, require_choice
+from effitrain.errors import require, require_choice
 from effitrain.prune.hook import MaskHook
 from effitrain.prune.masks import (
     apply_masks,
