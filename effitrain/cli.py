@@ -70,7 +70,7 @@ def precheck(args: list[str], resuming: bool = False) -> None:
         _check_run_dir(overrides, multirun)
     combinations = expand_sweeps(overrides) if multirun else iter([overrides])
     for combination in combinations:
-        check(compose(combination))
+        check(compose(combination), keep_model=not multirun)
 
 
 def launch(args: list[str], resuming: bool = False) -> None:

@@ -4,7 +4,6 @@ predictions and checkpoints in the run folder. Returns the sweep objective(s).""
 
 from __future__ import annotations
 
-import copy
 import logging
 import random
 import time
@@ -114,7 +113,7 @@ def make_plan(cfg: DictConfig) -> RunPlan:
 # run, or the basic sweep launcher) reuses that plan and model instead of checking and building
 # again. Jobs of other launchers (joblib, submitit) run elsewhere and plan for themselves.
 _PLANS: dict[str, RunPlan] = {}
-_MODELS: dict[str, list[Any]] = {}  # key -> [model on cpu, torch RNG state after building it, uses left]
+_MODELS: dict[str, tuple[nn.Module, torch.Tensor]] = {}  # key -> (model, torch RNG state right after building it)
 
 
 def _key(cfg: DictConfig) -> str:
@@ -125,36 +124,34 @@ def _model_key(plan: RunPlan) -> str:
     return f"{plan.cfg.seed}\n{OmegaConf.to_yaml(plan.cfg.model)}"
 
 
-def check(cfg: DictConfig) -> RunPlan:
+def check(cfg: DictConfig, keep_model: bool = False) -> RunPlan:
     """Everything that can be checked before a run folder exists: config, task, stages, the
-    files stages read, device, precision and the model (built once, kept for the run).
+    files stages read, device, precision and the model (built once).
+
+    Args:
+        keep_model: keep the built model for the run about to start in this process (a single
+            run; a sweep's jobs build their own rather than hold one model per job in memory).
 
     Raises:
         ConfigError: the first problem found, as one line.
     """
     plan = make_plan(cfg)
-    key = _model_key(plan)
-    if key in _MODELS:
-        _MODELS[key][2] += 1
-    else:
-        seed_everything(plan.cfg.seed)
-        model = build_model(plan.cfg.model)
-        _MODELS[key] = [model, torch.get_rng_state(), 1]
+    seed_everything(plan.cfg.seed)
+    model = build_model(plan.cfg.model)
+    if keep_model:
+        _MODELS[_model_key(plan)] = (model, torch.get_rng_state())
     _PLANS[_key(cfg)] = plan
     return plan
 
 
 def _initial_model(plan: RunPlan) -> nn.Module:
-    """The recipe's model as a fresh build after `seed_everything` gives it, and the RNG after it."""
-    entry = _MODELS.get(_model_key(plan))
-    if entry is None:
+    """The recipe's model as a fresh build right after `seed_everything` gives it (the RNG too)."""
+    kept = _MODELS.pop(_model_key(plan), None)
+    if kept is None:
         return build_model(plan.cfg.model)
-    model, rng, uses = entry
-    entry[2] -= 1
-    if entry[2] <= 0:
-        del _MODELS[_model_key(plan)]
+    model, rng = kept
     torch.set_rng_state(rng)  # as if built just now
-    return model if uses <= 1 else copy.deepcopy(model)
+    return model
 
 
 def build_data(cfg: DictConfig) -> Any:

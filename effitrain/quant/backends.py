@@ -57,6 +57,7 @@ class Backend:
         layer_types: the layer classes it converts.
         whole_model: it rewrites the whole model (a traced graph), so it cannot share a model
             with other backends.
+        calibrated: it observes training batches (`spec.calibration_batches` of them).
         auto_rank: order in which `auto` offers it layers (None: `auto` never picks it).
     """
 
@@ -64,6 +65,7 @@ class Backend:
     suffix: ClassVar[str] = ".safetensors"
     layer_types: ClassVar[tuple[type, ...]] = QUANTIZABLE
     whole_model: ClassVar[bool] = False
+    calibrated: ClassVar[bool] = False
     auto_rank: ClassVar[int | None] = None
 
     def available(self, device: torch.device, bits: int) -> bool:

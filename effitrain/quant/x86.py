@@ -130,6 +130,7 @@ class X86Static(Backend):
     suffix: ClassVar[str] = ".pt"  # quantized tensors are not plain tensors: torch.save, read back with weights_only
     layer_types: ClassVar[tuple[type, ...]] = (nn.Linear, nn.Conv1d, nn.Conv2d)
     whole_model: ClassVar[bool] = True
+    calibrated: ClassVar[bool] = True
 
     def available(self, device: torch.device, bits: int) -> bool:
         return _x86_here(device, bits)

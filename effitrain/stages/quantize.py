@@ -102,7 +102,7 @@ class Quantize(QuantSettings, FromSource):
     def __post_init__(self) -> None:
         self.check_quant()
         require_choice("observer", self.observer, OBSERVERS)
-        if self.backend == "x86_static":
+        if self.backend != backends.AUTO and backends.get(self.backend).calibrated:
             require(self.calibration_batches >= 1, "calibration_batches", self.calibration_batches, "an integer >= 1: observers need data")
 
     def run(self, name: str, prepared: PreparedQuant, ctx: Context) -> StageResult:  # type: ignore[override]
