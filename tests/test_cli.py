@@ -139,10 +139,20 @@ def test_existing_run_dir_is_never_overwritten(workdir: Path) -> None:
     assert sorted(path.name for path in target.iterdir()) == ["keep.txt"]
 
 
-def test_missing_dataset_fails_with_path_and_failed_status(workdir: Path) -> None:
+def test_missing_dataset_is_refused_before_any_run_folder(workdir: Path) -> None:
     result = run_cli("run", "recipe=baseline", "data=mnist", "data.root=nowhere/mnist", "measure.repeats=10", cwd=workdir)
+    assert_refused(result, "data.root = 'nowhere/mnist': no such folder (allowed: a folder holding the data; or data.download=true, which needs a network)", workdir)
+    result = run_cli("run", "recipe=baseline", "data=text", "model=bert", "data.path=nowhere.csv", "data.num_classes=2", cwd=workdir)
+    assert_refused(result, "data.path = 'nowhere.csv': no such file (allowed: an existing .csv or .jsonl file)", workdir)
+    result = run_cli("run", "recipe=baseline", "data=text", "data.path=nowhere.csv", "data.num_classes=2", cwd=workdir)
+    assert_refused(result, "data.tokenizer = '${model.pretrained}': Interpolation key 'model.pretrained' not found", workdir)
+
+
+def test_a_dataset_folder_without_the_files_fails_with_path_and_failed_status(workdir: Path) -> None:
+    (workdir / "empty_mnist").mkdir()
+    result = run_cli("run", "recipe=baseline", "data=mnist", "data.root=empty_mnist", "measure.repeats=10", cwd=workdir)
     assert result.returncode == 2
-    assert "MNIST not found under 'nowhere/mnist'" in result.stderr and "Traceback" not in result.stderr
+    assert "MNIST not found under 'empty_mnist'" in result.stderr and "Traceback" not in result.stderr
     (run_dir,) = run_dirs(workdir)
     summary = read_summary(run_dir)
     assert summary["status"] == "failed" and "MNIST not found" in summary["error"]

@@ -143,6 +143,23 @@ def _check_rules(typed: DictConfig, sections: tuple[str, ...] | None = None) -> 
         require(ok, key, value, allowed)
 
 
+def _unresolvable(node: Any, prefix: str = "") -> tuple[str, Any] | None:
+    """(dotted key, raw text) of the first value under `node` whose interpolation fails
+    (OmegaConf's resolve() does not say which)."""
+    keys = list(node.keys()) if isinstance(node, DictConfig) else range(len(node)) if OmegaConf.is_list(node) else []
+    for key in keys:
+        where = f"{prefix}{key}" if isinstance(key, str) else f"{prefix.rstrip('.')}[{key}]"
+        try:
+            value = node[key]
+        except OmegaConfBaseException:
+            return where, node._get_node(key)._value()
+        if OmegaConf.is_config(value):
+            found = _unresolvable(value, f"{where}.")
+            if found:
+                return found
+    return None
+
+
 def typed_config(cfg: DictConfig) -> DictConfig:
     """`cfg` merged onto the schema and resolved (types checked); ConfigError on the first problem."""
     try:
@@ -150,6 +167,10 @@ def typed_config(cfg: DictConfig) -> DictConfig:
         OmegaConf.resolve(typed)
         missing = sorted(OmegaConf.missing_keys(typed))
     except OmegaConfBaseException as error:
+        found = _unresolvable(cfg) if not error.full_key and "Interpolation" in type(error).__name__ else None
+        if found is not None:
+            raise ConfigError(f"{found[0]} = {found[1]!r}: {(error.msg or str(error)).splitlines()[0]} "
+                              "(allowed: keys the composed config has; see `effitrain show`)") from None
         raise ConfigError(describe_omegaconf_error(error)) from None
     if missing:
         raise ConfigError(f"{missing[0]}: no value set (every key needs one; see `effitrain show`)")
@@ -188,7 +209,28 @@ def validate(cfg: DictConfig, targets: bool = True) -> DictConfig:
     if targets:
         for section in ("data", "optimizer", "scheduler", "task"):
             check_call(typed[section], section)
+        check_data_files(typed.data)
     return typed
+
+
+def check_data_files(data: DictConfig) -> None:
+    """The files effitrain's own data builders will read exist (`path`: a file, `root`: a folder,
+    unless `download` fetches it), so a typo stops before a run folder exists. A user's builder
+    checks its own inputs.
+
+    Raises:
+        ConfigError: the first missing file or folder.
+    """
+    from pathlib import Path
+
+    if not str(data.get("_target_", "")).startswith("effitrain.data.") or data.get("download"):
+        return
+    path, root = data.get("path"), data.get("root")
+    if path is not None and not Path(str(path)).expanduser().is_file():
+        raise ConfigError(f"data.path = {str(path)!r}: no such file (allowed: an existing .csv or .jsonl file)")
+    if root is not None and not Path(str(root)).expanduser().is_dir():
+        hint = "; or data.download=true, which needs a network" if "download" in data else ""
+        raise ConfigError(f"data.root = {str(root)!r}: no such folder (allowed: a folder holding the data{hint})")
 
 
 def merge_training(typed: DictConfig, overrides: dict[str, dict], where: str, check: bool = True) -> DictConfig:
