@@ -75,8 +75,8 @@ def _check_file(path: Path) -> None:
 
             load_state(path)
     except Exception as error:  # safetensors and torch raise many types for a damaged file
-        raise ConfigError(f"{path}: damaged or truncated ({type(error).__name__}: {str(error).splitlines()[0][:120]}); "
-                          "the run folder is left as it is") from None
+        reason = str(error).splitlines()[0].split(". ")[0][:160]
+        raise ConfigError(f"{path}: damaged or truncated ({type(error).__name__}: {reason}); the run folder is left as it is") from None
 
 
 def check_resumable(run_dir: Path) -> None:
