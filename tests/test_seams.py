@@ -194,3 +194,24 @@ BAD_SEAMS = [
 @pytest.mark.parametrize("override,message", BAD_SEAMS, ids=[case[0] for case in BAD_SEAMS])
 def test_bad_seam_input_is_one_line_and_no_run_folder(workdir: Path, override: str, message: str) -> None:
     assert_refused(run_cli("run", *TINY, override, cwd=workdir), message, workdir)
+
+
+def test_optuna_searches_the_validation_objective_in_its_direction(workdir: Path) -> None:
+    """Hydra's Optuna sweeper plugin samples an interval the pre-check cannot enumerate; the jobs
+    return validation accuracy, which it maximises because the objective says so."""
+    result = run_cli("run", "-m", *TINY, "trainer.max_epochs=1", "hydra/sweeper=search", "hydra.sweeper.n_trials=3", "optimizer.lr=interval(0.00005,0.002)",
+                     "hydra.sweeper.sampler.seed=0", cwd=workdir)
+    assert result.returncode == 0, result.stderr[-3000:]
+    jobs = sorted((workdir / "multirun").glob("*/*/*/summary.json"))
+    assert len(jobs) == 3
+    values = [json.loads(job.read_text())["objective"]["val_accuracy"] for job in jobs]
+    results = next((workdir / "multirun").glob("*/*/optimization_results.yaml")).read_text()
+    assert "Directions: ['maximize']" in result.stdout + result.stderr
+    assert min(values) < max(values)  # the trials differ, so the best one tells the direction apart
+    assert f"best_value: {max(values)}" in results
+
+
+def test_a_bad_interval_end_is_caught_before_the_sweep(workdir: Path) -> None:
+    result = run_cli("run", "-m", *TINY, "hydra/sweeper=search", "hydra.sweeper.n_trials=3", "optimizer.lr=interval(-1,0.02)", cwd=workdir)
+    assert result.returncode == 2 and result.stderr.strip() == "error: optimizer.lr = -1.0 is not allowed (allowed: a number > 0)"
+    assert not (workdir / "multirun").exists()

@@ -39,10 +39,18 @@ def unique_dir(path: str) -> str:
     return _RESOLVED[path]
 
 
+def objective_directions(objectives: list) -> str | list[str]:
+    """Resolver `effitrain_directions`: the sweeper's direction(s) from `objective` (one, or a list)."""
+    directions = [str(item["direction"]) for item in objectives]
+    return directions[0] if len(directions) == 1 else directions
+
+
 def register_resolvers() -> None:
     """Register effitrain's OmegaConf resolvers (idempotent)."""
     if not OmegaConf.has_resolver("effitrain_unique"):
         OmegaConf.register_new_resolver("effitrain_unique", unique_dir)
+    if not OmegaConf.has_resolver("effitrain_directions"):
+        OmegaConf.register_new_resolver("effitrain_directions", objective_directions)
 
 
 def compose(overrides: list[str]) -> DictConfig:
@@ -94,23 +102,46 @@ def explain(error: BaseException, overrides: list[str]) -> str:
 
 
 def expand_sweeps(overrides: list[str]) -> Iterator[list[str]]:
-    """Yield every combination of a multirun's sweep overrides (`a=1,2 b=x,y` -> 4 lists).
+    """Yield override lists to check before a multirun starts.
+
+    When every sweep is a list or range (what Hydra's basic sweeper runs), that is every
+    combination (`a=1,2 b=x,y` -> 4 lists). When a sweep is one only a sweeper plugin samples
+    (Optuna's `interval(...)`), the jobs are not known in advance: each concrete value the
+    command names is checked once (list values, range values, an interval's two ends), the
+    others held at their first value; each job checks its own config again when it starts.
 
     Raises:
         ConfigError: an override does not parse.
     """
     from hydra.core.override_parser.overrides_parser import OverridesParser
+    from hydra.core.override_parser.types import IntervalSweep
 
     try:
         parsed = OverridesParser.create().parse_overrides(overrides)
     except Exception as error:
         raise ConfigError(explain(error, overrides)) from None
     choices: list[list[str]] = []
+    enumerable = True
     for override in parsed:
-        if override.is_sweep_override():
-            key = override.get_key_element()
-            choices.append([f"{key}={value}" for value in override.sweep_string_iterator()])
-        else:
+        if not override.is_sweep_override():
             choices.append([override.input_line])
-    for combination in itertools.product(*choices):
-        yield list(combination)
+            continue
+        key = override.get_key_element()
+        value = override.value()
+        if isinstance(value, IntervalSweep):
+            enumerable = False
+            choices.append([f"{key}={value.start}", f"{key}={value.end}"])
+            continue
+        try:
+            choices.append([f"{key}={item}" for item in override.sweep_string_iterator()])
+        except Exception:  # a sweep only its sweeper can sample (e.g. tagged): its job checks it
+            enumerable = False
+    if enumerable:
+        for combination in itertools.product(*choices):
+            yield list(combination)
+        return
+    firsts = [values[0] for values in choices]
+    yield firsts
+    for index, values in enumerate(choices):
+        for value in values[1:]:
+            yield [*firsts[:index], value, *firsts[index + 1:]]
