@@ -215,3 +215,14 @@ def test_a_bad_interval_end_is_caught_before_the_sweep(workdir: Path) -> None:
     result = run_cli("run", "-m", *TINY, "hydra/sweeper=search", "hydra.sweeper.n_trials=3", "optimizer.lr=interval(-1,0.02)", cwd=workdir)
     assert result.returncode == 2 and result.stderr.strip() == "error: optimizer.lr = -1.0 is not allowed (allowed: a number > 0)"
     assert not (workdir / "multirun").exists()
+
+
+def test_a_persisted_study_continues_where_it_stopped(workdir: Path) -> None:
+    import optuna
+
+    command = ["run", "-m", *TINY, "trainer.max_epochs=1", "hydra/sweeper=search", "hydra.sweeper.n_trials=1",
+               "optimizer.lr=interval(0.0001,0.01)", "hydra.sweeper.study_name=s", "hydra.sweeper.storage=sqlite:///study.db"]
+    for _ in range(2):
+        result = run_cli(*command, cwd=workdir)
+        assert result.returncode == 0, result.stderr[-3000:]
+    assert len(optuna.load_study(study_name="s", storage=f"sqlite:///{workdir / 'study.db'}").trials) == 2
