@@ -7,33 +7,14 @@ killed mid-write leaves the previous checkpoint intact. Training state is loaded
 
 from __future__ import annotations
 
-import json
-import os
-import tempfile
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-
-def atomic_write(path: Path, write: Callable[[Path], None]) -> None:
-    """Call `write(temporary_path)` and rename the result to `path` in one step."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(handle)
-    try:
-        write(Path(temporary))
-        os.replace(temporary, path)
-    finally:
-        if os.path.exists(temporary):
-            os.remove(temporary)
-
-
-def write_json(path: Path, payload: Any) -> None:
-    """Write `payload` as indented JSON, atomically."""
-    atomic_write(path, lambda temporary: temporary.write_text(json.dumps(payload, indent=2) + "\n"))
+from effitrain.runfiles import atomic_write, write_json  # noqa: F401  (write_json: re-exported for callers)
 
 
 def save_weights(model: nn.Module, path: Path) -> None:

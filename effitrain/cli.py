@@ -163,6 +163,32 @@ def churn(
     )
 
 
+@app.command()
+def compare(
+    paths: list[Path] = typer.Argument(..., help="Run folders and sweep folders (searched for run folders)."),
+    stage: Optional[str] = typer.Option(None, help="One row per run: this stage's (default: every stage of every run)."),
+    sort: Optional[str] = typer.Option(None, help="Sort by a metric, e.g. latency_ms, val_accuracy, size_bytes."),
+    output: str = typer.Option("table", "--format", help="table, csv, json or markdown."),
+) -> None:
+    """Many runs in one table: differing overrides as columns, seeds grouped (mean ± std, churn)."""
+    from effitrain.compare import build_rows, find_runs, metric_keys, render, sort_rows
+
+    def table() -> Any:
+        runs = find_runs(paths)
+        rows, differing = build_rows(runs, stage)
+        keys = metric_keys(runs)
+        return render(sort_rows(rows, sort, keys[0]), differing, keys, output)
+
+    result = _guard(table)
+    if isinstance(result, str):
+        typer.echo(result)
+    else:
+        from rich.console import Console
+
+        # a terminal folds to its width; a pipe or file gets the whole table on one line per row
+        Console(width=None if sys.stdout.isatty() else 240).print(result)
+
+
 def main(argv: Optional[list[str]] = None) -> None:
     """Console-script entry point."""
     app(args=argv)

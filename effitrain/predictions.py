@@ -7,7 +7,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from effitrain.checkpoint import write_json
+from effitrain.runfiles import write_json
 from effitrain.errors import ConfigError
 
 

@@ -7,7 +7,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from effitrain.checkpoint import write_json
+from effitrain.runfiles import write_json
 
 
 class Ledger:
@@ -74,13 +74,14 @@ def ledger_table(summary: dict[str, Any]) -> Any:
     columns = [(headline, headline, lambda v: f"{v:.4f}"), *COLUMNS]
     precision = summary["precision"]
     table = Table(title=f"{summary['recipe']} on {summary['device']} ({precision['used']}) — {summary['status']}")
-    table.add_column("stage")
-    table.add_column("kind")
+    # numbers are never cut with an ellipsis: a narrow table wraps the notes first, then folds cells
+    table.add_column("stage", overflow="fold")
+    table.add_column("kind", overflow="fold")
     for header, _, _ in columns:
-        table.add_column(header, justify="right")
-    table.add_column("smaller x", justify="right")
-    table.add_column("faster x", justify="right")
-    table.add_column("notes", no_wrap=True)
+        table.add_column(header, justify="right", overflow="fold")
+    table.add_column("smaller x", justify="right", overflow="fold")
+    table.add_column("faster x", justify="right", overflow="fold")
+    table.add_column("notes", overflow="fold", ratio=1)
     rows = summary["stages"]
     first = rows[0]["metrics"] if rows else {}
     for row in rows:

@@ -9,7 +9,6 @@ layers) by the same code.
 
 from __future__ import annotations
 
-import json
 import logging
 import tempfile
 from pathlib import Path
@@ -18,6 +17,7 @@ from typing import Any, Callable, Optional
 from torch import nn
 
 from effitrain.errors import ConfigError
+from effitrain.runfiles import read_summary
 from effitrain.stages.base import Context, Prepared, Stage
 
 log = logging.getLogger("effitrain")
@@ -28,26 +28,6 @@ Execute = Callable[[int, str, Stage, Prepared, Path], nn.Module]
 def model_file(run_dir: Path, index: int, name: str, stage: Stage) -> Path:
     """Where stage number `index` (named `name`) of a run saves its resulting model."""
     return run_dir / "checkpoints" / f"{index:02d}_{name}{stage.model_suffix}"
-
-
-def read_summary(run_dir: Path) -> dict[str, Any]:
-    """A run folder's summary.json, checked to be a ledger.
-
-    Raises:
-        ConfigError: not a run folder, or a summary.json that is not a readable ledger (named).
-    """
-    path, config = run_dir / "summary.json", run_dir / ".hydra" / "config.yaml"
-    if not path.is_file() or not config.is_file():
-        raise ConfigError(f"{run_dir}: not an effitrain run folder (no summary.json or .hydra/config.yaml)")
-    try:
-        summary = json.loads(path.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
-        raise ConfigError(f"{path}: not a readable ledger ({type(error).__name__}: {str(error).splitlines()[0][:120]}); the folder is left as it is") from None
-    if not isinstance(summary, dict) or not isinstance(summary.get("stages"), list) or not all(
-        isinstance(row, dict) and isinstance(row.get("name"), str) for row in summary["stages"]
-    ):
-        raise ConfigError(f"{path}: not a readable ledger (no list of stage rows); the folder is left as it is")
-    return summary
 
 
 def completed_stage(run_dir: Path, stage: Optional[str]) -> str:
