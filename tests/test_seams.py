@@ -226,3 +226,16 @@ def test_a_persisted_study_continues_where_it_stopped(workdir: Path) -> None:
         result = run_cli(*command, cwd=workdir)
         assert result.returncode == 0, result.stderr[-3000:]
     assert len(optuna.load_study(study_name="s", storage=f"sqlite:///{workdir / 'study.db'}").trials) == 2
+
+
+def test_the_compress_search_recipe_runs_its_trials_and_reports_a_front(workdir: Path) -> None:
+    result = run_cli("run", "-m", "recipe=compress_search", "hydra.sweeper.n_trials=3", "hydra.sweeper.sampler.seed=0", "data=synthetic",
+                     "trainer.max_epochs=1", "stage.student.trainer.max_epochs=1", "stage.prune.trainer.max_epochs=1",
+                     "measure.repeats=10", "measure.warmup=1", "hydra.sweep.dir=search", cwd=workdir, timeout=400)
+    assert result.returncode == 0, result.stderr[-3000:]
+    jobs = sorted((workdir / "search").glob("*/summary.json"))
+    assert len(jobs) == 3
+    objectives = [json.loads(job.read_text())["objective"] for job in jobs]
+    assert all(set(item) == {"val_accuracy", "size_bytes"} for item in objectives)
+    assert "Directions: ['maximize', 'minimize']" in result.stdout + result.stderr
+    assert "Number of Pareto solutions" in result.stdout + result.stderr
