@@ -1,11 +1,31 @@
-"""Per-step metrics of a run: one JSON object per line in metrics.jsonl, mirrored to TensorBoard."""
+"""Per-step metrics of a run: one JSON object per line in metrics.jsonl, mirrored to TensorBoard;
+and the terminal's log handler."""
 
 from __future__ import annotations
 
 import json
+import logging
+import sys
 import time
 from pathlib import Path
 from typing import Any
+
+
+class ConsoleHandler(logging.StreamHandler):
+    """Writes log records to `sys.stdout` as it is when each record is emitted, not as it was when
+    logging was configured: while Rich shows a live progress bar it replaces sys.stdout with a
+    proxy that prints above the bar, so log lines never land on the bar's line."""
+
+    def __init__(self) -> None:
+        super().__init__(sys.stdout)
+
+    @property  # type: ignore[override]
+    def stream(self) -> Any:
+        return sys.stdout
+
+    @stream.setter
+    def stream(self, value: Any) -> None:  # StreamHandler's constructor assigns it; the property wins
+        pass
 
 
 class RunLogger:

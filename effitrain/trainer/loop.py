@@ -61,6 +61,7 @@ class Trainer:
         loss_fn: `loss_fn(model, inputs, targets) -> loss` (default: the task's loss); an
             nn.Module loss is trained and checkpointed along with the model (e.g. distillation projections).
         hooks: per-step hooks.
+        label: how logs and the progress bar name the stage (default: `stage`), e.g. "2/5 pruned".
     """
 
     def __init__(
@@ -75,8 +76,10 @@ class Trainer:
         task: Task | None = None,
         loss_fn: LossFn | None = None,
         hooks: Sequence[Hook] = (),
+        label: str | None = None,
     ) -> None:
         self.settings = settings
+        self.label = label or stage
         self.make_optimizer = make_optimizer
         self.make_scheduler = make_scheduler
         self.precision = precision
@@ -126,10 +129,10 @@ class Trainer:
         best, stale_epochs, stopped_early = None, 0, False
         if resume and self._last_state_path.exists():
             best, stale_epochs = self._restore(scheduler)
-            log.info("[%s] resumed after epoch %d (step %d)", self.stage, self.epoch, self.step)
+            log.info("[%s] resumed after epoch %d (step %d)", self.label, self.epoch, self.step)
         for hook in self.hooks:
             hook.on_fit_start(self)
-        progress = Progress(self.stage, total_steps, settings.progress)
+        progress = Progress(self.label, total_steps, settings.progress)
         try:
             while self.epoch < settings.max_epochs and self.step < total_steps and not stopped_early:
                 metrics = self._run_epoch(train_loader, scheduler, total_steps, progress)
@@ -150,7 +153,7 @@ class Trainer:
         finally:
             progress.close()
         if stopped_early:
-            log.info("[%s] early stop: %s did not improve for %d epochs", self.stage, settings.monitor, stale_epochs)
+            log.info("[%s] early stop: %s did not improve for %d epochs", self.label, settings.monitor, stale_epochs)
         best_path = self.checkpoint_dir / "best.safetensors"
         if settings.restore_best and best_path.exists():
             load_weights(model, best_path)

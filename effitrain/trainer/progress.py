@@ -19,7 +19,7 @@ class Progress:
     """
 
     def __init__(self, stage: str, total_steps: int, mode: str) -> None:
-        self.stage = stage
+        self.stage = stage  # shown as is, e.g. "2/5 pruned"
         self.bar = None
         if mode == "on" or (mode == "auto" and sys.stdout.isatty()):
             from rich.progress import BarColumn, MofNCompleteColumn, Progress as RichProgress, TextColumn, TimeRemainingColumn
@@ -37,9 +37,20 @@ class Progress:
             self.bar.update(self.task, completed=step, status=f"loss {loss:.4f}  {samples_per_second:,.0f} samples/s")
 
     def epoch_done(self, epoch: int, max_epochs: int, metrics: dict[str, float]) -> None:
-        """Log one line for the finished epoch (shown above the bar on a terminal)."""
-        text = "  ".join(f"{key} {value:.4f}" if isinstance(value, float) else f"{key} {value}" for key, value in metrics.items())
-        log.info("[%s] epoch %d/%d  %s", self.stage, epoch + 1, max_epochs, text)
+        """Log one line for the finished epoch, rounded for people (metrics.jsonl keeps every digit)."""
+        log.info("[%s] epoch %d/%d  %s", self.stage, epoch + 1, max_epochs, readable(metrics))
+
+
+def readable(metrics: dict[str, float]) -> str:
+    """`train_loss 0.2776  val_accuracy 0.9852  7,637 samples/s`: 4 significant digits, throughput whole."""
+    parts = []
+    for key, value in metrics.items():
+        if key == "samples_per_second":
+            continue
+        parts.append(f"{key} {value:.4g}" if isinstance(value, float) else f"{key} {value}")
+    if "samples_per_second" in metrics:
+        parts.append(f"{metrics['samples_per_second']:,.0f} samples/s")
+    return "  ".join(parts)
 
     def close(self) -> None:
         if self.bar is not None:
