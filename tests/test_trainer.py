@@ -142,3 +142,25 @@ def test_fp16_stops_when_every_step_overflows(tmp_path: Path) -> None:
     train, val = _loaders()
     with pytest.raises(TrainingError, match="5 steps in a row overflowed"):
         trainer.fit(Exploding(float("inf")), train, val)
+
+
+def test_epoch_lines_are_rounded_for_people_and_follow_stdout(capsys) -> None:
+    import logging
+
+    from effitrain.runlog import ConsoleHandler
+    from effitrain.trainer.progress import readable
+
+    assert readable({"train_loss": 0.27763, "samples_per_second": 7636.83, "val_accuracy": 0.98518}) == \
+        "train_loss 0.2776  val_accuracy 0.9852  7,637 samples/s"
+    handler = ConsoleHandler()  # built before stdout is swapped, as Hydra's logging config does
+    record = logging.makeLogRecord({"msg": "above the bar", "levelno": logging.INFO})
+    import io
+    import sys
+
+    swapped, original = io.StringIO(), sys.stdout
+    sys.stdout = swapped  # what Rich's live display does while a progress bar is shown
+    try:
+        handler.emit(record)
+    finally:
+        sys.stdout = original
+    assert swapped.getvalue() == "above the bar\n"

@@ -40,6 +40,10 @@ class Progress:
         """Log one line for the finished epoch, rounded for people (metrics.jsonl keeps every digit)."""
         log.info("[%s] epoch %d/%d  %s", self.stage, epoch + 1, max_epochs, readable(metrics))
 
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.stop()
+
 
 def readable(metrics: dict[str, float]) -> str:
     """`train_loss 0.2776  val_accuracy 0.9852  7,637 samples/s`: 4 significant digits, throughput whole."""
@@ -51,7 +55,3 @@ def readable(metrics: dict[str, float]) -> str:
     if "samples_per_second" in metrics:
         parts.append(f"{metrics['samples_per_second']:,.0f} samples/s")
     return "  ".join(parts)
-
-    def close(self) -> None:
-        if self.bar is not None:
-            self.bar.stop()
