@@ -91,7 +91,7 @@ def replay(stages: dict[str, Stage], model: nn.Module, ctx: Context, run_dir: Pa
     """
     for index, (name, stage) in enumerate(stages.items()):
         saved = model_file(run_dir, index, name, stage)
-        ctx.stage_name, ctx.stage_label = name, f"{index + 1}/{len(stages)} {name}"
+        ctx.stage_name, ctx.stage_position = name, f"{index + 1}/{len(stages)}"
         prepared = stage.prepare(model, ctx)
         if name in completed:
             model = stage.load_model(prepared, saved)

@@ -45,7 +45,7 @@ class Context:
         resume: whether this run continues a killed one.
         models: models handed back by earlier stages, by stage name (e.g. a teacher).
         stage_name: the name of the stage being prepared or run (for messages).
-        stage_label: the same with its position, e.g. "2/5 prune" (for the terminal).
+        stage_position: where it stands in the recipe, e.g. "2/5" (for the terminal).
         load_run: rebuilds a saved stage's model from another run folder (run folder, stage or None).
     """
 
@@ -58,7 +58,7 @@ class Context:
     resume: bool = False
     models: dict[str, nn.Module] = field(default_factory=dict)
     stage_name: str = ""
-    stage_label: str = ""
+    stage_position: str = ""
     load_run: Optional[Callable[[Path, Optional[str]], nn.Module]] = None
 
     @property

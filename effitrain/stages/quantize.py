@@ -35,7 +35,8 @@ class PreparedQuant(Prepared):
 
 @dataclass
 class QuantSettings:
-    """Shared fields of `quantize` and `qat`.
+    """Shared fields and model handling of `quantize` and `qat` (listed before `FromSource`,
+    whose `starting_model` it uses).
 
     Fields:
         bits: 8 or 4.

@@ -61,7 +61,7 @@ def make_trainer(
     return Trainer(
         settings, lambda params: optimizer(params), scheduler_factory(sections.scheduler), ctx.precision, ctx.logger, name,
         ctx.checkpoint_dir(name), task=ctx.task, loss_fn=loss_fn, hooks=hooks,
-        label=ctx.stage_label.replace(ctx.stage_name, name) if ctx.stage_name and ctx.stage_label else name,
+        label=f"{ctx.stage_position} {name}".strip(),
     )
 
 
