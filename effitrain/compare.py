@@ -161,15 +161,14 @@ def _status(members: list[Run]) -> str:
 
 def _seed_churn(members: list[Run], stage: str) -> float | None:
     """Mean pairwise churn of the stage's test predictions between the seeds (when all saved them)."""
-    from effitrain.predictions import churn
+    from effitrain.predictions import churn, read_predictions
 
     predictions = []
     for run in members:
         path = run.path / "predictions" / f"{stage}.json"
         if not path.is_file():
             return None
-        saved = json.loads(path.read_text())
-        predictions.append(saved)
+        predictions.append(read_predictions(path))
     if any(item["labels"] != predictions[0]["labels"] for item in predictions):
         return None  # tested on different examples: churn is undefined
     pairs = list(itertools.combinations(predictions, 2))

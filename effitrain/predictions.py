@@ -7,7 +7,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from effitrain.runfiles import write_json
+from effitrain.runfiles import read_summary, write_json
 from effitrain.errors import ConfigError
 
 
@@ -35,11 +35,8 @@ def run_predictions(run_dir: Path, stage: str | None) -> tuple[str, dict[str, li
         ConfigError: not a run folder, or no predictions for that stage (names the ones there are).
     """
     folder = run_dir / "predictions"
-    summary = run_dir / "summary.json"
-    if not summary.is_file():
-        raise ConfigError(f"{run_dir}: not an effitrain run folder (no summary.json)")
+    stages = [row["name"] for row in read_summary(run_dir)["stages"]]  # also: is it a run folder at all
     if stage is None:
-        stages = [row["name"] for row in json.loads(summary.read_text())["stages"]]
         if not stages:
             raise ConfigError(f"{run_dir}: the run has no completed stage")
         stage = stages[-1]

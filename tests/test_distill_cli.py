@@ -43,7 +43,7 @@ def test_codistill_reports_churn_and_runs_compare(workdir: Path) -> None:
     result = run_cli("churn", "run1", "run2", "--stage", "codistill", cwd=workdir)
     assert result.returncode == 0 and result.stdout.startswith("churn "), result.stderr
     result = run_cli("churn", "run1", "nowhere", cwd=workdir)
-    assert result.returncode == 2 and result.stderr.strip() == "error: nowhere: not an effitrain run folder (no summary.json)"
+    assert result.returncode == 2 and result.stderr.strip() == "error: nowhere: not an effitrain run folder (no summary.json or .hydra/config.yaml)"
 
 
 BAD = [
