@@ -166,7 +166,8 @@ def test_teacher_sources(tmp_path) -> None:
 def test_churn_and_run_comparison(tmp_path) -> None:
     assert churn([0, 1, 2, 3], [0, 1, 2, 0]) == 0.25
     for name, predictions in (("a", [0, 1, 1, 0]), ("b", [0, 1, 0, 0])):
-        (tmp_path / name).mkdir()
+        (tmp_path / name / ".hydra").mkdir(parents=True)  # a run folder's shape: ledger plus composed config
+        (tmp_path / name / ".hydra" / "config.yaml").write_text("seed: 0\n")
         (tmp_path / name / "summary.json").write_text(json.dumps({"stages": [{"name": "fit"}]}))
         write_predictions(tmp_path / name / "predictions" / "fit.json", [0, 1, 1, 1], predictions)
     result = compare_runs(tmp_path / "a", tmp_path / "b")
