@@ -33,6 +33,19 @@ def load_weights(model: nn.Module, path: Path) -> nn.Module:
     return model
 
 
+def unreadable(path: Path) -> str | None:
+    """Why a checkpoint file cannot be read, in one line ('Type: first sentence'), or None when it
+    can: a safetensors header, or a whole torch state file. Nothing is kept."""
+    try:
+        if path.suffix == ".safetensors":
+            saved_shapes(path)
+        else:
+            load_state(path)
+    except Exception as error:  # safetensors and torch raise many types for a damaged file
+        return f"{type(error).__name__}: {str(error).splitlines()[0].split('. ')[0][:160]}"
+    return None
+
+
 def saved_shapes(path: Path) -> dict[str, tuple[int, ...]]:
     """Tensor name → shape of a safetensors file, read from its header (no tensor is loaded)."""
     from safetensors import safe_open

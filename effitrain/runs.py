@@ -44,19 +44,11 @@ def completed_stage(run_dir: Path, stage: Optional[str]) -> str:
 
 
 def _check_file(path: Path) -> None:
-    """Read enough of a checkpoint file to know it loads (a safetensors header, a torch state file)."""
-    try:
-        if path.suffix == ".safetensors":
-            from effitrain.checkpoint import saved_shapes
+    from effitrain.checkpoint import unreadable
 
-            saved_shapes(path)
-        else:
-            from effitrain.checkpoint import load_state
-
-            load_state(path)
-    except Exception as error:  # safetensors and torch raise many types for a damaged file
-        reason = str(error).splitlines()[0].split(". ")[0][:160]
-        raise ConfigError(f"{path}: damaged or truncated ({type(error).__name__}: {reason}); the run folder is left as it is") from None
+    reason = unreadable(path)
+    if reason is not None:
+        raise ConfigError(f"{path}: damaged or truncated ({reason}); the run folder is left as it is")
 
 
 def check_resumable(run_dir: Path) -> None:

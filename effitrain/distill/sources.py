@@ -11,7 +11,7 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset
 
 from effitrain.batch import move
-from effitrain.checkpoint import load_weights, saved_shapes
+from effitrain.checkpoint import load_weights, unreadable
 from effitrain.data.bundle import SeededShuffle, _Transformed
 from effitrain.errors import ConfigError, not_allowed
 
@@ -39,10 +39,9 @@ def teacher_source(
     path_text, _, stage = source.partition(":") if not Path(source).exists() else (source, "", "")
     path = Path(path_text).expanduser()
     if path.is_file() and path.suffix == ".safetensors":
-        try:
-            saved_shapes(path)
-        except Exception as error:  # safetensors raises its own error types for a bad header
-            raise ConfigError(f"{where} = {source!r}: not a readable safetensors file ({type(error).__name__}: {str(error).splitlines()[0][:160]})") from None
+        reason = unreadable(path)
+        if reason is not None:
+            raise ConfigError(f"{where} = {source!r}: not a readable safetensors file ({reason})")
         return "file", path, None
     if path.is_dir():
         if check_run is not None:

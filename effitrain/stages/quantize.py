@@ -64,17 +64,20 @@ class QuantSettings:
     def prepare(self, model: nn.Module, ctx: Context) -> PreparedQuant:
         return PreparedQuant(self.starting_model(model, ctx), ctx.example_batch(2))  # type: ignore[attr-defined]
 
+    def plan(self, model: nn.Module, device: Any, where: str) -> list:
+        """Which backend converts which of the layers not skipped."""
+        layers = select_layers(model, self.skip, f"{where}.skip", QUANTIZABLE, "quantize")
+        return backends.plan(self.backend, model, layers, device, self.spec(), where)
+
     def quantize(self, model: nn.Module, device: Any, example: Any, batches: Any, where: str) -> tuple[nn.Module, str]:
         """Convert the chosen layers; return the model and the ledger's backend description."""
-        spec = self.spec()
-        steps = backends.plan(self.backend, model, select_layers(model, self.skip, f"{where}.skip", QUANTIZABLE, "quantize"), device, spec, where)
+        steps, spec = self.plan(model, device, where), self.spec()
         return backends.convert(model, steps, spec, Calibration(example, batches)), backends.describe(steps, spec)
 
     def load_model(self, prepared: PreparedQuant, path: Path) -> nn.Module:  # type: ignore[override]
-        model, spec = prepared.model, self.spec()
-        steps = backends.plan(self.backend, model, select_layers(model, self.skip, "skip", QUANTIZABLE, "quantize"),
-                              next(model.parameters()).device, spec, "resume")
-        return backends.load(model, steps, spec, Calibration(prepared.example), path)
+        model = prepared.model
+        steps = self.plan(model, next(model.parameters()).device, "resume")
+        return backends.load(model, steps, self.spec(), Calibration(prepared.example), path)
 
     def save_model(self, model: nn.Module, path: Path) -> None:
         backends.save(self.backend, model, path)
