@@ -51,6 +51,17 @@ class Ledger:
         write_json(self.path, self.data)
 
 
+SPARSITY_TOLERANCE = 0.005  # a prune stage's |achieved - target| beyond this is noted in the ledger and the report
+
+
+def sparsity_gap(metrics: dict[str, Any]) -> str:
+    """'achieved sparsity 0.850 < target 0.900' when a prune stage missed its target, else ''."""
+    target, achieved = metrics.get("target_sparsity"), metrics.get("achieved_sparsity")
+    if target is None or achieved is None or abs(achieved - target) <= SPARSITY_TOLERANCE:
+        return ""
+    return f"achieved sparsity {achieved:.3f} {'<' if achieved < target else '>'} target {target:.3f}"
+
+
 def _kilobytes(value: int) -> str:
     return f"{value / 1024:,.1f}"
 
@@ -95,7 +106,8 @@ def ledger_table(summary: dict[str, Any]) -> Any:
 
 
 def notes(metrics: dict[str, Any]) -> str:
-    """Stage-specific figures for the table's last column (teacher accuracy, peers, churn)."""
+    """Stage-specific figures for the table's last column (teacher accuracy, peers, backend, a
+    missed sparsity target, churn)."""
     parts = []
     if metrics.get("teacher_accuracy"):
         parts.append("teacher " + "/".join(f"{value:.3f}" for value in metrics["teacher_accuracy"]))
@@ -103,6 +115,8 @@ def notes(metrics: dict[str, Any]) -> str:
         parts.append("peers " + "/".join(f"{value:.3f}" for value in metrics["peer_accuracy"]))
     if metrics.get("backend"):
         parts.append(metrics["backend"])
+    if sparsity_gap(metrics):
+        parts.append(sparsity_gap(metrics))
     if metrics.get("churn") is not None:
         parts.append(f"churn {metrics['churn']:.3f}")
     return ", ".join(parts)

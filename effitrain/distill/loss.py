@@ -73,7 +73,10 @@ class DistillLoss(nn.Module):
         self.temperature = temperature
         self.alpha = alpha
         self.features = features
-        self.last_terms: dict[str, float] = {}
+
+    def logged(self, trainer: Any) -> dict[str, float]:
+        """The KD weight, logged with every step so reports draw it beside the lr."""
+        return {"kd_weight": self.alpha}
 
     def teacher_logits(self, inputs: Any) -> Tensor:
         """Mean logits of the teachers on `inputs` (no grad)."""

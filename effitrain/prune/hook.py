@@ -15,7 +15,7 @@ resumed run continues the schedule where it stopped.
 from __future__ import annotations
 
 import math
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 import torch
 from torch import Tensor, nn
@@ -31,6 +31,15 @@ def polynomial_sparsity(step: int, initial: float, final: float, begin: int, end
     if step >= end:
         return final
     return final + (initial - final) * (1 - (step - begin) / (end - begin)) ** 3
+
+
+def scheduled_sparsity(step: int, initial: float, final: float, begin: int, end: int, frequency: int) -> float:
+    """The gradual schedule's target after `step` optimizer steps: the cubic ramp as of its last
+    update (every `frequency` steps from `begin`, and at `end`), `initial` before `begin`."""
+    if step < begin:
+        return initial
+    updated = min(step, end) if step >= end else begin + (step - begin) // frequency * frequency
+    return polynomial_sparsity(updated, initial, final, begin, end)
 
 
 def rigl_fraction(step: int, initial: float, end: int) -> float:
@@ -51,6 +60,8 @@ class MaskHook(Hook):
         begin_step, end_step: the schedule's window; end_step None = 75% of the stage's steps.
         frequency: Δt (gradual) or ΔT (rigl) in optimizer steps.
         drop_fraction: RigL's initial update fraction f_0.
+        measured: the layers whose sparsity is compared with the target in the log (default: all
+            masked layers; layers with their own override have their own targets).
     """
 
     def __init__(
@@ -64,6 +75,7 @@ class MaskHook(Hook):
         end_step: int | None = None,
         frequency: int = 10,
         drop_fraction: float = 0.3,
+        measured: Sequence[str] | None = None,
     ) -> None:
         self.masks = masks
         self.schedule = schedule
@@ -74,12 +86,31 @@ class MaskHook(Hook):
         self.end_step = end_step
         self.frequency = frequency
         self.drop_fraction = drop_fraction
+        self.measured = list(measured) if measured else list(masks)
         self.current_sparsity = initial_sparsity if schedule == "gradual" else final_sparsity
         self.updates = 0
         self._dense_grads: dict[str, Tensor] = {}
 
     def _end(self, trainer: Any) -> int:
-        return self.end_step if self.end_step is not None else max(1, int(0.75 * trainer.total_steps))
+        return self.end(trainer.total_steps)
+
+    def end(self, total_steps: int) -> int:
+        """The step where the schedule ends: end_step, or 75% of the stage's steps."""
+        return self.end_step if self.end_step is not None else max(1, int(0.75 * total_steps))
+
+    def target(self, step: int, total_steps: int) -> float:
+        """The sparsity the schedule asks for after `step` of `total_steps` optimizer steps."""
+        if self.schedule != "gradual":
+            return self.final_sparsity
+        return scheduled_sparsity(step, self.initial_sparsity, self.final_sparsity, self.begin_step, self.end(total_steps), self.frequency)
+
+    def achieved(self) -> float:
+        """The fraction of the measured layers' weights the masks cut now."""
+        kept = sum(int(self.masks[name].sum()) for name in self.measured)
+        return 1 - kept / max(sum(self.masks[name].numel() for name in self.measured), 1)
+
+    def logged(self, trainer: Any) -> dict[str, float]:
+        return {"target_sparsity": self.current_sparsity, "achieved_sparsity": self.achieved()}
 
     def on_fit_start(self, trainer: Any) -> None:
         apply_masks(trainer.model, self.masks)
@@ -99,15 +130,13 @@ class MaskHook(Hook):
 
     def after_step(self, trainer: Any) -> None:
         model, step = trainer.model, trainer.step
-        if self.schedule == "gradual" and step >= self.begin_step:
-            end = self._end(trainer)
-            if (step - self.begin_step) % self.frequency == 0 or step >= end:
-                target = polynomial_sparsity(step, self.initial_sparsity, self.final_sparsity, self.begin_step, end)
-                if target != self.current_sparsity:
-                    assert self.remask is not None
-                    self.masks = self.remask(model, target)
-                    self.current_sparsity = target
-                    self.updates += 1
+        if self.schedule == "gradual":
+            target = self.target(step, trainer.total_steps)
+            if target != self.current_sparsity:
+                assert self.remask is not None
+                self.masks = self.remask(model, target)
+                self.current_sparsity = target
+                self.updates += 1
         elif self.schedule == "rigl" and self._dense_grads:
             self._rigl_update(model, rigl_fraction(step, self.drop_fraction, self._end(trainer)))
             self._dense_grads = {}

@@ -53,14 +53,18 @@ def prune_channels(
     taylor_batches: Iterable | None = None,
     loss_fn: Callable | None = None,
     device: torch.device | None = None,
-) -> nn.Module:
+) -> list[str]:
     """Remove the `sparsity` fraction of output channels/neurons (per layer, or globally ranked).
 
     Args:
-        model: pruned in place (and returned).
+        model: pruned in place.
         example: example inputs for tracing the dependency graph.
         own: per-layer sparsity overrides by module name (0 leaves a layer whole).
         taylor_batches, loss_fn, device: for Taylor saliency, the batches whose gradients score channels.
+
+    Returns:
+        The layers whose output channels the default `sparsity` applies to (not the output
+        layer, not the residual stream, no override of their own): what `achieved` is measured over.
 
     Raises:
         ConfigError: a layer type the dependency graph cannot handle, or an override on a layer
@@ -109,7 +113,13 @@ def prune_channels(
             "supported: Conv/Linear networks with BatchNorm, residual adds and concatenations"
         ) from None
     model.train(was_training)
-    return model
+    return [name for name, module in modules.items() if isinstance(module, WEIGHT_LAYERS)
+            and own.get(name) is None and all(module is not other for other in ignored)]
+
+
+def channels(model: nn.Module) -> dict[str, int]:
+    """Output channels (Conv) or features (Linear) of every weight layer, by name."""
+    return {name: module.weight.shape[0] for name, module in model.named_modules() if isinstance(module, WEIGHT_LAYERS)}
 
 
 def attention_modules(model: nn.Module) -> list[nn.Module]:

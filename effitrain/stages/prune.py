@@ -26,8 +26,8 @@ from effitrain.prune.masks import (
     saliency_scores,
     sparsity_table,
 )
-from effitrain.prune.structured import prune_channels, shrink_to
-from effitrain.report import render_text
+from effitrain.prune.structured import channels, prune_channels, shrink_to
+from effitrain.report import SPARSITY_TOLERANCE, render_text
 from effitrain.stages.base import Context, Prepared, StageResult
 from effitrain.stages.train import TrainingStage, make_trainer
 
@@ -114,30 +114,54 @@ class Prune(TrainingStage):
         own = layer_sparsities(list(prunable(model)), self.sparsity, self.overrides or {}, f"{where}.overrides")
         taylor = [ctx.task.split(batch) for batch in itertools.islice(ctx.data.train, self.taylor_batches)] if self.saliency == "taylor" else None
         if self.granularity == "structured":
-            model = self._structured(name, model, prepared.example, ctx, own, taylor, where)
+            achieved = self._structured(name, model, prepared.example, ctx, own, taylor, where)
         else:
-            self._masked(name, model, ctx, own, taylor, where)
+            measured = self._masked(name, model, ctx, own, taylor, where)
+            found = [row for row in sparsity_table(model) if row["layer"] in measured]
+            achieved = sum(row["zeros"] for row in found) / max(sum(row["weights"] for row in found), 1)
         rows = sparsity_table(model)
         write_json(ctx.run_dir / "pruning" / f"{name}.json", rows)
         log.info("[%s] per-layer sparsity\n%s", name, render_text(_table(name, rows)).rstrip())
-        return StageResult(model, {"granularity": self.granularity, "schedule": self.schedule, "target_sparsity": self.sparsity})
+        target = self.target_sparsity
+        if abs(achieved - target) > SPARSITY_TOLERANCE:
+            log.warning("[%s] achieved sparsity %.4f differs from the target %.4f", name, achieved, target)
+        return StageResult(model, {"granularity": self.granularity, "schedule": self.schedule,
+                                   "target_sparsity": target, "achieved_sparsity": achieved})
 
-    def _structured(self, name: str, model: nn.Module, example: Any, ctx: Context, own: dict, taylor: list | None, where: str) -> nn.Module:
+    @property
+    def target_sparsity(self) -> float:
+        """What the stage asks for: `sparsity`, or 1 - n/m for N:M."""
+        return 1 - self.n / self.m if self.granularity == "nm" else self.sparsity
+
+    def measured_layers(self, own: dict[str, float | None]) -> list[str]:
+        """The layers the stage's target applies to (N:M: every layer not left dense; otherwise
+        those without an override of their own), over which achieved sparsity is measured."""
+        if self.granularity == "nm":
+            return [layer for layer, value in own.items() if value != 0]
+        return [layer for layer, value in own.items() if value is None] or list(own)
+
+    def _structured(self, name: str, model: nn.Module, example: Any, ctx: Context, own: dict, taylor: list | None, where: str) -> float:
+        """Prune channels (and fine-tune); returns the fraction of the governed layers' channels removed."""
         rounds = self.rounds if self.schedule == "iterative" else 1
+        before, governed = channels(model), None
         for round_index in range(1, rounds + 1):
             # each round removes a share of what is left, so `rounds` rounds remove `sparsity` in all
             keep = (1 - self.sparsity) ** (1 / rounds)
             round_own = {key: (None if value is None else 1 - (1 - value) ** (1 / rounds)) for key, value in own.items()}
-            prune_channels(model, example, 1 - keep, round_own, self.saliency, self.distribution, where,
-                           taylor, ctx.task.loss, ctx.device)
+            pruned = prune_channels(model, example, 1 - keep, round_own, self.saliency, self.distribution, where,
+                                    taylor, ctx.task.loss, ctx.device)
+            governed = governed if governed is not None else pruned
             if self.fine_tune:
                 stage = name if rounds == 1 else f"{name}_round{round_index}"
                 # the architecture changes between rounds: a killed stage restarts from its input
                 make_trainer(ctx, stage, self.training_overrides()).fit(model, ctx.data.train, ctx.data.val, resume=ctx.resume and rounds == 1)
-        return model
+        after = channels(model)
+        return 1 - sum(after[layer] for layer in governed or []) / max(sum(before[layer] for layer in governed or []), 1)
 
-    def _masked(self, name: str, model: nn.Module, ctx: Context, own: dict, taylor: list | None, where: str) -> None:
+    def _masked(self, name: str, model: nn.Module, ctx: Context, own: dict, taylor: list | None, where: str) -> list[str]:
+        """Prune with masks (and train); returns the layers the target applies to."""
         hook: MaskHook | None = None
+        measured = self.measured_layers(own)
 
         def remask(current: nn.Module, target: float) -> dict[str, Tensor]:
             names = [layer for layer in own if self.granularity != "nm" or own[layer] != 0]
@@ -152,19 +176,21 @@ class Prune(TrainingStage):
 
         if self.schedule in ("oneshot", "rigl"):
             hook = MaskHook(remask(model, self.sparsity), "fixed" if self.schedule == "oneshot" else "rigl",
-                            end_step=self.end_step, frequency=self.frequency, drop_fraction=self.drop_fraction)
+                            final_sparsity=self.target_sparsity, end_step=self.end_step, frequency=self.frequency,
+                            drop_fraction=self.drop_fraction, measured=measured)
             rigl = self.schedule == "rigl"
             self._train(name, model, ctx, hook, train=self.fine_tune or rigl, restore_best=not rigl)
         elif self.schedule == "gradual":
             hook = MaskHook(remask(model, self.initial_sparsity), "gradual", remask, self.initial_sparsity, self.sparsity,
-                            self.begin_step, self.end_step, self.frequency)
+                            self.begin_step, self.end_step, self.frequency, measured=measured)
             self._train(name, model, ctx, hook, train=True, restore_best=False)
         else:
             for round_index in range(1, self.rounds + 1):
                 target = 1 - (1 - self.sparsity) ** (round_index / self.rounds)
-                hook = MaskHook(remask(model, target), "fixed")
+                hook = MaskHook(remask(model, target), "fixed", final_sparsity=target, measured=measured)
                 self._train(f"{name}_round{round_index}", model, ctx, hook, train=self.fine_tune)
         # make permanent: the zeros are in the weights; the masking hook goes away with the trainer
+        return measured
 
     def _train(self, name: str, model: nn.Module, ctx: Context, hook: MaskHook, train: bool, restore_best: bool = True) -> None:
         if not train:

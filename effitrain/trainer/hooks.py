@@ -30,6 +30,11 @@ class Hook:
     def on_epoch_end(self, trainer: "Trainer", metrics: dict[str, float]) -> None:
         """Called after each epoch's validation with that epoch's metrics."""
 
+    def logged(self, trainer: "Trainer") -> dict[str, float]:
+        """Figures logged with each step's loss and lr (e.g. where a schedule stands), so the
+        run's metrics.jsonl records what happened and reports can draw it."""
+        return {}
+
     def state_dict(self) -> dict[str, Any]:
         """State to checkpoint (tensors and plain containers only)."""
         return {}

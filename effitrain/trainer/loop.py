@@ -61,6 +61,7 @@ class Trainer:
         loss_fn: `loss_fn(model, inputs, targets) -> loss` (default: the task's loss); an
             nn.Module loss is trained and checkpointed along with the model (e.g. distillation projections).
         hooks: per-step hooks.
+            Hooks and the loss with a `logged(trainer)` method add its figures to every logged step.
         label: how logs and the progress bar name the stage (default: `stage`), e.g. "2/5 pruned".
     """
 
@@ -213,7 +214,10 @@ class Trainer:
             loss_count += 1
             throughput = samples / (time.perf_counter() - started)
             if self.step % settings.log_every_steps == 0:
-                self.logger.log(self.stage, self.step, {"train_loss": step_loss, "lr": scheduler.get_last_lr()[0], "samples_per_second": throughput})
+                logged = {"train_loss": step_loss, "lr": scheduler.get_last_lr()[0], "samples_per_second": throughput}
+                for source in [*self.hooks, self.loss_fn]:
+                    logged.update(source.logged(self) if hasattr(source, "logged") else {})
+                self.logger.log(self.stage, self.step, logged)
                 progress.advance(self.step, step_loss, throughput)
             if self.step >= total_steps:
                 break
