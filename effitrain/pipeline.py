@@ -22,7 +22,7 @@ from effitrain.errors import ConfigError, EffitrainError, require
 from effitrain.measure import measure
 from effitrain.precision import PrecisionPolicy, build_precision, resolve_device
 from effitrain.predictions import write_predictions
-from effitrain.report import Ledger, ledger_table, render_text
+from effitrain.ledger import Ledger, ledger_table, render_text
 from effitrain.runlog import RunLogger
 from effitrain.runs import load_run_model, replay
 from effitrain.stages.base import Context, Prepared, Stage, StageResult, build_model, build_stage

@@ -27,7 +27,7 @@ from effitrain.prune.masks import (
     sparsity_table,
 )
 from effitrain.prune.structured import channels, prune_channels, shrink_to
-from effitrain.report import SPARSITY_TOLERANCE, render_text
+from effitrain.ledger import SPARSITY_TOLERANCE, render_text
 from effitrain.stages.base import Context, Prepared, StageResult
 from effitrain.stages.train import TrainingStage, make_trainer
 

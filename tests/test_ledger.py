@@ -1,6 +1,6 @@
 """The run's ledger table: numbers are never cut with an ellipsis, however narrow the terminal."""
 
-from effitrain.report import ledger_table, render_text
+from effitrain.ledger import ledger_table, render_text
 
 SUMMARY = {
     "recipe": "distill_bert", "device": "cpu", "status": "completed", "headline": "accuracy",
