@@ -1,4 +1,4 @@
-"""The `effitrain` command: run, resume, ls, show, churn.
+"""The `effitrain` command: run, resume, ls, show, churn, compare, report.
 
 `run` hands its arguments to Hydra untouched (after moving -m/--multirun to the front, where
 Hydra's argparse wants it). Before Hydra creates any run folder, the composed config of every
@@ -187,6 +187,20 @@ def compare(
 
         # a terminal folds to its width; a pipe or file gets the whole table on one line per row
         Console(width=None if sys.stdout.isatty() else 240).print(result)
+
+
+@app.command()
+def report(
+    paths: list[Path] = typer.Argument(..., help="Run folders and sweep folders (searched for run folders)."),
+    output: Optional[Path] = typer.Option(None, "-o", "--output", help="A new or empty folder (default: FIRST_PATH/report)."),
+    metric: Optional[str] = typer.Option(None, help="The Pareto fronts' y axis (default: the task's headline metric, test split)."),
+) -> None:
+    """An HTML page with PNGs: ledgers, Pareto fronts, training curves, per-layer sparsity, schedules, seeds."""
+    from effitrain.report import write_report
+
+    folder = output if output is not None else paths[0] / "report"
+    page, runs = _guard(lambda: write_report(paths, folder, metric))
+    typer.echo(f"{page} ({len(runs)} runs; open it in a browser)")
 
 
 def main(argv: Optional[list[str]] = None) -> None:

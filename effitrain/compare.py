@@ -216,6 +216,22 @@ def records(rows: list[Row], keys: list[str]) -> list[dict[str, Any]]:
     return out
 
 
+def table_cells(rows: list[Row], differing: list[str], shown: list[str]) -> tuple[list[str], list[list[str]]]:
+    """(headers, text cells per row) of the human-readable table: run, differing overrides, stage,
+    status, seeds and churn (when seeds are grouped), then the shown metrics."""
+    grouped = any(len(row.runs) > 1 for row in rows)
+    settings = [key for key in differing if not (grouped and key == "seed")]
+    headers = ["run", *settings, "stage", "status", *(["seeds", "churn"] if grouped else []), *[_HEADERS.get(key, key) for key in shown]]
+    lines = []
+    for row in rows:
+        label = row.runs[0].label if len(row.runs) == 1 else f"{row.runs[0].label} (+{len(row.runs) - 1} seeds)"
+        cells = [label, *[row.settings.get(key, "") for key in settings], row.stage, row.status]
+        if grouped:
+            cells += [str(len(row.runs)), f"{row.churn:.4f}" if row.churn is not None else "-"]
+        lines.append(cells + [_cell(row, key) for key in shown])
+    return headers, lines
+
+
 def render(rows: list[Row], differing: list[str], keys: tuple[list[str], list[str]], output: str) -> Any:
     """The comparison in `output` format: csv or json (every metric), markdown text or a Rich
     table (the headline metrics and costs; columns fold rather than cut numbers when narrow)."""
@@ -230,16 +246,8 @@ def render(rows: list[Row], differing: list[str], keys: tuple[list[str], list[st
         writer.writeheader()
         writer.writerows(found)
         return buffer.getvalue()
-    grouped = any(len(row.runs) > 1 for row in rows)
-    settings = [key for key in differing if not (grouped and key == "seed")]
-    headers = ["run", *settings, "stage", "status", *(["seeds", "churn"] if grouped else []), *[_HEADERS.get(key, key) for key in shown]]
-    lines = []
-    for row in rows:
-        label = row.runs[0].label if len(row.runs) == 1 else f"{row.runs[0].label} (+{len(row.runs) - 1} seeds)"
-        cells = [label, *[row.settings.get(key, "") for key in settings], row.stage, row.status]
-        if grouped:
-            cells += [str(len(row.runs)), f"{row.churn:.4f}" if row.churn is not None else "-"]
-        lines.append(cells + [_cell(row, key) for key in shown])
+    headers, lines = table_cells(rows, differing, shown)
+    grouped = "seeds" in headers
     if output == "markdown":
         table = ["| " + " | ".join(headers) + " |", "|" + "|".join(" --- " for _ in headers) + "|"]
         return "\n".join(table + ["| " + " | ".join(cells) + " |" for cells in lines])

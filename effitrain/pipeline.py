@@ -177,6 +177,16 @@ def objectives(plan: RunPlan, rows: list[dict[str, Any]]) -> dict[str, float]:
     return values
 
 
+def _write_report(run_dir: Path) -> None:
+    """report.html in the run folder; a plotting failure is logged and never fails a finished run."""
+    from effitrain.report import write_run_report
+
+    try:
+        log.info("report: %s", write_run_report(run_dir))
+    except Exception as error:  # the ledger is complete; the page is a view of it
+        log.warning("report.html not written (%s: %s); `effitrain report %s` retries", type(error).__name__, error, run_dir)
+
+
 def run(cfg: DictConfig, run_dir: Path, recipe: str) -> float | tuple[float, ...]:
     """Run the recipe's stages in order inside `run_dir`.
 
@@ -197,7 +207,7 @@ def run(cfg: DictConfig, run_dir: Path, recipe: str) -> float | tuple[float, ...
     device = precision.device
     log.info("effitrain: recipe %s on %s, precision %s (%s)", recipe, device, precision.used, precision.why)
     header = {"recipe": recipe, "device": str(device), "precision": precision.as_dict(), "seed": cfg.seed,
-              "task": task.name, "headline": task.headline}
+              "task": task.name, "headline": task.headline, "directions": dict(task.metrics)}
     ledger = Ledger.resume(run_dir / "summary.json", header) if cfg.resume else Ledger(run_dir / "summary.json", header)
     ledger.write()
     logger = RunLogger(run_dir)
@@ -239,5 +249,7 @@ def run(cfg: DictConfig, run_dir: Path, recipe: str) -> float | tuple[float, ...
     ledger.data["objective"] = values
     ledger.finish("completed")
     log.info("\n%s", render_text(ledger_table(ledger.data)).rstrip())
+    if cfg.report:
+        _write_report(run_dir)
     result = tuple(values.values())
     return result[0] if len(result) == 1 else result

@@ -68,6 +68,7 @@ class RootConfig:
     seed: int = MISSING
     device: str = MISSING
     resume: bool = MISSING
+    report: bool = MISSING
     precision: PrecisionConfig = field(default_factory=PrecisionConfig)
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     measure: MeasureConfig = field(default_factory=MeasureConfig)
