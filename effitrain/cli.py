@@ -131,20 +131,80 @@ def list_configs() -> None:
 
 
 @app.command(context_settings=_FORWARD)
-def show(ctx: typer.Context) -> None:
-    """Print the composed config as YAML, without running: `effitrain show recipe=baseline precision=bf16`."""
+def show(
+    ctx: typer.Context,
+    schedule: bool = typer.Option(False, "--schedule", help="Print each training stage's planned steps, lr, sparsity and KD weight."),
+    output: Optional[Path] = typer.Option(None, "-o", "--output", help="With --schedule: also draw it to this new .png/.svg/.pdf file."),
+) -> None:
+    """Print the composed config as YAML, without running: `effitrain show recipe=baseline precision=bf16`;
+    with --schedule, the planned schedules instead (`-o FILE` draws them)."""
     from omegaconf import OmegaConf
 
     from effitrain.config.compose import compose
     from effitrain.config.schema import validate
 
-    def compose_and_check() -> Any:  # types and ranges only: `show` must not import torch
+    if output is not None and not schedule:
+        _fail("-o draws a schedule: use it with --schedule")
+    if output is not None:
+        _guard(lambda: _check_plot_file(output))
+    if schedule:
+        _show_schedule(list(ctx.args), output)
+        return
+
+    def compose_and_check() -> Any:  # types and ranges only: plain `show` must not import torch
         cfg = compose(list(ctx.args))
         validate(cfg, targets=False)
         return cfg
 
     cfg = _guard(compose_and_check)
     typer.echo(OmegaConf.to_yaml(cfg, resolve=True), nl=False)
+
+
+PLOT_SUFFIXES = (".png", ".svg", ".pdf")
+
+
+def _check_plot_file(path: Path) -> None:
+    from effitrain.errors import require_choice
+
+    require_choice("-o (file type)", path.suffix.lower() or "(none)", PLOT_SUFFIXES)
+    if path.exists():
+        raise ConfigError(f"-o {path}: already exists; effitrain never overwrites a file (allowed: a new file)")
+    if not path.parent.is_dir():
+        raise ConfigError(f"-o {path}: folder {path.parent} does not exist")
+
+
+def _show_schedule(args: list[str], output: Optional[Path]) -> None:
+    """The planned schedule of every trainer call, as tables of sampled steps (and a plot)."""
+    from rich.console import Console
+    from rich.table import Table
+
+    from effitrain.config.compose import compose
+    from effitrain.pipeline import planned_schedule
+
+    fits = _guard(lambda: planned_schedule(compose(args)))
+    console = Console(width=None if sys.stdout.isatty() else 160)
+    if not fits:
+        console.print("the recipe trains nothing: no schedule")
+    for position, (stage, kind, fit) in enumerate(fits, start=1):
+        steps = len(fit.lr)
+        console.print(f"[{position}/{len(fits)} {fit.name}] {kind}: {steps:,} optimizer steps "
+                      f"({fit.epochs} epochs x {fit.steps_per_epoch} steps of {fit.batches} batches)", markup=False, highlight=False)
+        table = Table()
+        table.add_column("step", justify="right")
+        table.add_column("epoch", justify="right")
+        table.add_column("lr", justify="right")
+        for key in fit.values:
+            table.add_column(key.replace("_", " "), justify="right")
+        shown = sorted({1, steps, *(round(steps * tenth / 10) for tenth in range(1, 10))} - {0})
+        for step in shown:
+            table.add_row(f"{step:,}", str((step - 1) // fit.steps_per_epoch + 1), f"{fit.lr[step - 1]:.3e}",
+                          *[f"{values[step - 1]:.4f}" for values in fit.values.values()])
+        console.print(table)
+    if output is not None and fits:
+        from effitrain.report import write_schedule_plot
+
+        _guard(lambda: write_schedule_plot(fits, output, "planned schedules: " + " ".join(args)))
+        console.print(f"plot: {output}")
 
 
 @app.command()

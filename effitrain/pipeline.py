@@ -167,6 +167,19 @@ def build_data(cfg: DictConfig) -> Any:
         raise ConfigError(f"data: cannot build {cfg.data.get('_target_')!r} ({str(cause).splitlines()[0]})") from None
 
 
+def planned_schedule(cfg: DictConfig) -> list[tuple[str, str, Any]]:
+    """(stage, kind, PlannedFit) of every trainer call the recipe will make, without training:
+    the config is checked as for a run and the data built for its batches per epoch.
+
+    Raises:
+        ConfigError: the first problem found, as one line.
+    """
+    plan = make_plan(cfg)
+    seed_everything(plan.cfg.seed)
+    batches = len(build_data(plan.cfg).train)
+    return [(name, stage.kind, fit) for name, stage in plan.stages.items() for fit in stage.planned(name, plan.cfg, batches)]
+
+
 def objectives(plan: RunPlan, rows: list[dict[str, Any]]) -> dict[str, float]:
     """The configured objective values, read from the ledger rows (validation or cost)."""
     by_name = {row["name"]: row["metrics"] for row in rows}

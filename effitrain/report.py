@@ -114,6 +114,46 @@ def _owner(trained: str, summary: dict[str, Any]) -> dict[str, Any] | None:
     return None
 
 
+def schedule_figure(plt: Any, records: list[dict[str, Any]], summary: dict[str, Any], title: str) -> Any:
+    """The lr (top) and target/achieved sparsity and KD weight (bottom) over the run's optimizer
+    steps, stage after stage, with QAT stages shaded; None when nothing was trained."""
+    series = stage_series(records)
+    if not series:
+        return None
+    extras = [key for key in ("target_sparsity", "achieved_sparsity", "kd_weight")
+              if any(key in record for _, _, steps, _ in series for record in steps)]
+    figure, panels = plt.subplots(2 if extras else 1, 1, figsize=(10, 5.5 if extras else 3), sharex=True, squeeze=False)
+    lr_axes = panels[0][0]
+    for stage, offset, steps, _ in series:
+        lr_axes.plot([offset + r["step"] for r in steps], [r.get("lr", math.nan) for r in steps], linewidth=1, label=stage)
+    lr_axes.set(ylabel="learning rate", title=title)
+    if extras:
+        axes = panels[1][0]
+        styles = {"target_sparsity": "--", "achieved_sparsity": "-", "kd_weight": ":"}
+        for key in extras:
+            for index, (stage, offset, steps, _) in enumerate(series):
+                found = [r for r in steps if key in r]
+                if found:
+                    axes.plot([offset + r["step"] for r in found], [r[key] for r in found], styles[key],
+                              color=f"C{index}", linewidth=1.2, label=f"{stage} {key.replace('_', ' ')}")
+        axes.set(ylabel="fraction / weight", xlabel="optimizer step (run)", ylim=(-0.02, 1.02))
+        axes.legend(fontsize=7)
+    else:
+        lr_axes.set_xlabel("optimizer step (run)")
+    windows = []
+    for stage, offset, steps, epochs in series:
+        owner = _owner(stage, summary)
+        if owner is not None and owner["kind"] == "qat":
+            windows.append((offset, offset + max([int(r["step"]) for r in steps + epochs] or [0])))
+    for row in panels:
+        for axes in row:
+            for begin, end in windows:
+                axes.axvspan(begin, end, color="orange", alpha=0.15, label="QAT window" if axes is lr_axes else None)
+            axes.grid(alpha=0.3)
+    lr_axes.legend(fontsize=7)
+    return figure
+
+
 class ReportWriter:
     """Draws the figures of `runs` into `image_dir` and writes the page to `page`.
 
@@ -236,41 +276,9 @@ class ReportWriter:
         self._save(figure, f"sparsity_{_slug(run.label)}.png", "Per-layer sparsity", f"{run.label}: zero weights per layer after each prune stage.")
 
     def _schedule(self, run: Run, records: list[dict[str, Any]]) -> None:
-        series = stage_series(records)
-        if not series:
+        figure = schedule_figure(self.plt, records, run.summary, f"{run.label}: schedules as logged")
+        if figure is None:
             return
-        extras = [key for key in ("target_sparsity", "achieved_sparsity", "kd_weight")
-                  if any(key in record for _, _, steps, _ in series for record in steps)]
-        figure, panels = self.plt.subplots(2 if extras else 1, 1, figsize=(10, 5.5 if extras else 3), sharex=True, squeeze=False)
-        lr_axes = panels[0][0]
-        for stage, offset, steps, _ in series:
-            lr_axes.plot([offset + r["step"] for r in steps], [r.get("lr", math.nan) for r in steps], linewidth=1, label=stage)
-        lr_axes.set(ylabel="learning rate", title=f"{run.label}: schedules as logged")
-        if extras:
-            axes = panels[1][0]
-            styles = {"target_sparsity": "--", "achieved_sparsity": "-", "kd_weight": ":"}
-            for key in extras:
-                for index, (stage, offset, steps, _) in enumerate(series):
-                    found = [r for r in steps if key in r]
-                    if found:
-                        axes.plot([offset + r["step"] for r in found], [r[key] for r in found], styles[key],
-                                  color=f"C{index}", linewidth=1.2, label=f"{stage} {key.replace('_', ' ')}")
-            axes.set(ylabel="fraction / weight", xlabel="optimizer step (run)", ylim=(-0.02, 1.02))
-            axes.legend(fontsize=7)
-        else:
-            lr_axes.set_xlabel("optimizer step (run)")
-        windows = []
-        for stage, offset, steps, epochs in series:
-            owner = _owner(stage, run.summary)
-            if owner is not None and owner["kind"] == "qat":
-                end = offset + max([int(r["step"]) for r in steps + epochs] or [0])
-                windows.append((offset, end))
-        for row in panels:
-            for axes in row:
-                for begin, end in windows:
-                    axes.axvspan(begin, end, color="orange", alpha=0.15, label="QAT window" if axes is lr_axes else None)
-                axes.grid(alpha=0.3)
-        lr_axes.legend(fontsize=7)
         gaps = [f"{row['name']}: {sparsity_gap(row['metrics'])}" for row in run.summary["stages"] if sparsity_gap(row["metrics"])]
         caption = f"{run.label}: learning rate, target and achieved sparsity and KD weight per logged step; QAT windows shaded."
         self._save(figure, f"schedule_{_slug(run.label)}.png", "Schedules", caption + "".join(f" Missed target: {gap}." for gap in gaps))
@@ -378,3 +386,23 @@ def write_run_report(run_dir: Path) -> Path:
     """A finished run's own report.html, its PNGs in artifacts/plots/ (both replaced if present)."""
     runs = find_runs([run_dir])
     return ReportWriter(runs, run_dir / "report.html", run_dir / "artifacts" / "plots").write()
+
+
+def planned_records(fits: list[tuple[str, str, Any]]) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+    """(metrics.jsonl-like records, ledger-like stage list) of planned fits (stage, kind, PlannedFit),
+    so a plan is drawn by the same code as a run's log."""
+    records = [{"stage": fit.name, "step": step, "lr": fit.lr[step - 1], **{key: values[step - 1] for key, values in fit.values.items()}}
+               for _, _, fit in fits for step in range(1, len(fit.lr) + 1)]
+    return records, {"stages": [{"name": stage, "kind": kind, "metrics": {}} for stage, kind, _ in fits]}
+
+
+def write_schedule_plot(fits: list[tuple[str, str, Any]], path: Path, title: str) -> None:
+    """The planned schedules of `fits` as one figure (format from the suffix: png, svg or pdf)."""
+    plt = _pyplot()
+    records, summary = planned_records(fits)
+    figure = schedule_figure(plt, records, summary, title)
+    if figure is None:
+        raise ConfigError(f"-o {path}: the recipe trains nothing, so there is no schedule to draw")
+    figure.tight_layout()
+    figure.savefig(path, dpi=110)
+    plt.close(figure)

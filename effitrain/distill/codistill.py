@@ -67,11 +67,19 @@ class CodistillLoss(nn.Module):
         self.burn_in_steps = burn_in_steps
         self.step = 0
 
+    def weight_at(self, step: int) -> float:
+        """The distillation weight of the optimizer step that starts after `step` steps (0 during burn-in)."""
+        return self.weight if step >= self.burn_in_steps else 0.0
+
+    def logged(self, trainer: Any) -> dict[str, float]:
+        """The KD weight the step just done trained with."""
+        return {"kd_weight": self.weight_at(trainer.step - 1)}
+
     def forward(self, model: Peers, inputs: Any, labels: Any) -> Tensor:  # type: ignore[override]
         peers = list(model.peers)
         shared = not (isinstance(labels, dict) and "peer_0" in labels)
         batches = [(inputs, labels)] * len(peers) if shared else [(inputs[f"peer_{i}"], labels[f"peer_{i}"]) for i in range(len(peers))]
-        distilling = self.weight > 0 and self.step >= self.burn_in_steps
+        distilling = self.weight_at(self.step) > 0
         shared_logits = [forward(peer, inputs) for peer in peers] if shared else None
         total: Tensor | None = None
         for i, (peer, (batch, batch_labels)) in enumerate(zip(peers, batches)):

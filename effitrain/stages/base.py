@@ -115,6 +115,10 @@ class Stage:
         """Return what this stage starts from: by default the model handed in."""
         return Prepared(model)
 
+    def planned(self, name: str, cfg: DictConfig, batches: int) -> list:
+        """The trainer calls this stage will make (`effitrain.stages.train.PlannedFit`): none here."""
+        return []
+
     def run(self, name: str, prepared: Prepared, ctx: Context) -> StageResult:
         """Do the stage's work and return the resulting model with its extra ledger metrics."""
         raise NotImplementedError

@@ -8,14 +8,14 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-from omegaconf import MISSING
+from omegaconf import MISSING, DictConfig
 
 from effitrain.data.bundle import SeededShuffle
 from effitrain.distill.codistill import CodistillLoss, PeerBatches, Peers, TrackStep, mean_churn
 from effitrain.errors import require
 from effitrain.predictions import write_predictions
 from effitrain.stages.base import Context, Prepared, StageResult
-from effitrain.stages.train import TrainingStage, make_trainer
+from effitrain.stages.train import PlannedFit, TrainingStage, make_trainer
 
 
 @dataclass
@@ -59,6 +59,13 @@ class Codistill(TrainingStage):
             torch.manual_seed(ctx.cfg.seed + index)
             peers.append(ctx.build_model())
         return PreparedPeers(peers[0], Peers(peers).to(ctx.device))
+
+    def planned(self, name: str, cfg: DictConfig, batches: int) -> list[PlannedFit]:
+        fits = super().planned(name, cfg, batches)
+        loss = CodistillLoss(self.distill_weight, self.temperature, self.burn_in_steps)
+        for fit in fits:
+            fit.values["kd_weight"] = [loss.weight_at(step) for step in range(len(fit.lr))]
+        return fits
 
     def run(self, name: str, prepared: PreparedPeers, ctx: Context) -> StageResult:  # type: ignore[override]
         group = prepared.peers

@@ -15,7 +15,7 @@ from effitrain.distill.loss import DistillLoss
 from effitrain.distill.sources import cache_teacher_outputs, derive_student, resolve_teacher, teacher_source
 from effitrain.errors import ConfigError, not_allowed, require
 from effitrain.stages.base import Context, Prepared, StageResult
-from effitrain.stages.train import TrainingStage, fit_metrics, make_trainer
+from effitrain.stages.train import PlannedFit, TrainingStage, fit_metrics, make_trainer
 
 
 def _check_run(path: Path, stage: Optional[str]) -> str:
@@ -88,6 +88,12 @@ class Distill(TrainingStage):
         if self.keep_every is not None:
             return PreparedStudent(derive_student(teachers[0], self.keep_every, f"{where}.keep_every").to(ctx.device), teachers)
         return PreparedStudent(ctx.build_model(OmegaConf.create(self.student), seeded=True), teachers)
+
+    def planned(self, name: str, cfg: DictConfig, batches: int) -> list[PlannedFit]:
+        fits = super().planned(name, cfg, batches)
+        for fit in fits:
+            fit.values["kd_weight"] = [self.alpha] * len(fit.lr)
+        return fits
 
     def run(self, name: str, prepared: PreparedStudent, ctx: Context) -> StageResult:  # type: ignore[override]
         where = f"stage.{name}"

@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any, Dict, Optional
 
 import torch
-from omegaconf import MISSING
+from omegaconf import MISSING, DictConfig
 from torch import Tensor, nn
 
 from effitrain.checkpoint import load_weights, saved_shapes, write_json
@@ -29,7 +29,7 @@ from effitrain.prune.masks import (
 from effitrain.prune.structured import channels, prune_channels, shrink_to
 from effitrain.ledger import SPARSITY_TOLERANCE, render_text
 from effitrain.stages.base import Context, Prepared, StageResult
-from effitrain.stages.train import TrainingStage, make_trainer
+from effitrain.stages.train import PlannedFit, TrainingStage, make_trainer, plan_fit
 
 log = logging.getLogger("effitrain")
 
@@ -199,6 +199,26 @@ class Prune(TrainingStage):
         # without restore_best: the best epoch may predate the final sparsity or masks
         overrides = self.training_overrides() if restore_best else self.training_overrides(restore_best=False)
         make_trainer(ctx, name, overrides, hooks=[hook]).fit(model, ctx.data.train, ctx.data.val, resume=ctx.resume)
+
+    # -- the plan, for `effitrain show --schedule` ---------------------------------------------
+
+    def planned(self, name: str, cfg: DictConfig, batches: int) -> list[PlannedFit]:
+        """The fits with the target sparsity after each step (N:M: 1 - n/m; structured: the
+        fraction of channels removed so far)."""
+        if self.schedule == "iterative":
+            rounds = [(f"{name}_round{index}", 1 - (1 - self.sparsity) ** (index / self.rounds)) for index in range(1, self.rounds + 1)]
+            fits = [plan_fit(cfg, round_name, self.training_overrides(), batches) for round_name, _ in rounds] if self.fine_tune else []
+            for fit, (_, target) in zip(fits, rounds):
+                fit.values["target_sparsity"] = [target] * len(fit.lr)
+            return fits
+        if self.schedule == "oneshot" and not self.fine_tune:
+            return []
+        fit = plan_fit(cfg, name, self.training_overrides(), batches)
+        hook = MaskHook({}, "gradual" if self.schedule == "gradual" else "fixed", None, self.initial_sparsity,
+                        self.target_sparsity, self.begin_step, self.end_step, self.frequency)
+        total = len(fit.lr)
+        fit.values["target_sparsity"] = [hook.target(step, total) for step in range(1, total + 1)]
+        return [fit]
 
     # -- resume of a completed stage ----------------------------------------------------------
 

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import inspect
+import math
 from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, Optional, Sequence
 
@@ -65,6 +66,50 @@ def make_trainer(
     )
 
 
+@dataclass
+class PlannedFit:
+    """One planned call of the trainer, for `effitrain show --schedule`: values after each of its
+    optimizer steps (index s-1 holds step s), as the run would log them.
+
+    Attributes:
+        name: the trainer's stage name (iterative rounds: NAME_roundK).
+        epochs, batches: planned epochs and training batches per epoch.
+        steps_per_epoch: optimizer steps per epoch (batches / gradient accumulation, rounded up).
+        lr: the learning rate after each step.
+        values: other per-step values: target_sparsity, kd_weight.
+    """
+
+    name: str
+    epochs: int
+    batches: int
+    steps_per_epoch: int
+    lr: list[float]
+    values: dict[str, list[float]] = field(default_factory=dict)
+
+
+def plan_fit(cfg: DictConfig, name: str, overrides: dict[str, dict], batches: int) -> PlannedFit:
+    """The steps and lr of one fit, from the same trainer settings and scheduler a run builds."""
+    import warnings
+
+    import torch
+
+    sections = merge_training(cfg, overrides, f"stage.{name}", check=False)
+    settings = TrainerConfig(**OmegaConf.to_container(sections.trainer))  # type: ignore[arg-type]
+    per_epoch = math.ceil(batches / settings.grad_accum_steps)
+    steps = settings.max_epochs * per_epoch
+    if settings.max_steps is not None:
+        steps = min(steps, settings.max_steps)
+    optimizer = _instantiate(sections.optimizer, "optimizer")([torch.nn.Parameter(torch.zeros(1))])
+    scheduler = scheduler_factory(sections.scheduler)(optimizer, steps)
+    lr = []
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # "scheduler.step() before optimizer.step()": nothing is trained here
+        for _ in range(steps):
+            scheduler.step()
+            lr.append(float(scheduler.get_last_lr()[0]))
+    return PlannedFit(name, settings.max_epochs, batches, per_epoch, lr)
+
+
 def fit_metrics(result: FitResult) -> dict[str, Any]:
     """The ledger metrics every training stage reports."""
     return {"epochs": result.epochs, "steps": result.steps, "best_val": result.best}
@@ -90,6 +135,14 @@ class TrainingStage(Stage):
     def training_overrides(self, **trainer: Any) -> dict[str, dict]:
         """This stage's overrides; keyword arguments override trainer keys for one fit."""
         return {"trainer": {**self.trainer, **trainer}, "optimizer": self.optimizer, "scheduler": self.scheduler}
+
+    def trains(self) -> bool:
+        """Whether the stage runs the trainer (stages with `fine_tune: false` may not)."""
+        return bool(getattr(self, "fine_tune", True))
+
+    def planned(self, name: str, cfg: DictConfig, batches: int) -> list[PlannedFit]:
+        """The fits this stage will run with `batches` training batches per epoch, without training."""
+        return [plan_fit(cfg, name, self.training_overrides(), batches)] if self.trains() else []
 
 
 @dataclass
