@@ -12,7 +12,7 @@ import pytest
 
 # Tiny, fast settings every end-to-end test starts from.
 TINY = ["recipe=baseline", "data=synthetic", "model=mlp", "model.hidden=[16]", "trainer.max_epochs=2",
-        "measure.repeats=10", "measure.warmup=1"]
+        "measure.repeats=10", "measure.warmup=1", "report=false"]
 
 
 TESTS_DIR = Path(__file__).resolve().parent
