@@ -254,12 +254,13 @@ def report(
     paths: list[Path] = typer.Argument(..., help="Run folders and sweep folders (searched for run folders)."),
     output: Optional[Path] = typer.Option(None, "-o", "--output", help="A new or empty folder (default: FIRST_PATH/report)."),
     metric: Optional[str] = typer.Option(None, help="The Pareto fronts' y axis (default: the task's headline metric, test split)."),
+    stage: Optional[str] = typer.Option(None, help="Only this stage in the ledger and the fronts (default: every stage)."),
 ) -> None:
     """An HTML page with PNGs: ledgers, Pareto fronts, training curves, per-layer sparsity, schedules, seeds."""
     from effitrain.report import write_report
 
     folder = output if output is not None else paths[0] / "report"
-    page, runs = _guard(lambda: write_report(paths, folder, metric))
+    page, runs = _guard(lambda: write_report(paths, folder, metric, stage))
     typer.echo(f"{page} ({len(runs)} runs; open it in a browser)")
 
 

@@ -65,8 +65,17 @@ def _pyplot() -> Any:
     return plt
 
 
+def _short(value: str) -> str:
+    """An override's value for a plot label: floats to 4 significant digits."""
+    try:
+        number = float(value)
+    except ValueError:
+        return value
+    return f"{number:.4g}" if "." in value and math.isfinite(number) else value
+
+
 def _point_label(row: Row, differing: Sequence[str]) -> str:
-    settings = [f"{key.removeprefix('stage.')}={value}" for key, value in row.settings.items() if key in differing and value != ""]
+    settings = [f"{key.removeprefix('stage.')}={_short(value)}" for key, value in row.settings.items() if key in differing and value != ""]
     return " ".join([*settings, row.stage]) if settings else row.stage
 
 
@@ -162,11 +171,12 @@ class ReportWriter:
         page: the HTML file to write.
         image_dir: where the PNGs go (links in the page are relative to the page's folder).
         metric: the y axis of the Pareto fronts (default: the task's headline metric, test split).
+        stage: only this stage's rows in the ledger and the fronts (e.g. the stage a search optimised).
     """
 
-    def __init__(self, runs: list[Run], page: Path, image_dir: Path, metric: str | None = None) -> None:
+    def __init__(self, runs: list[Run], page: Path, image_dir: Path, metric: str | None = None, stage: str | None = None) -> None:
         self.runs, self.page, self.image_dir = runs, page, image_dir
-        self.rows, self.differing = build_rows(runs)
+        self.rows, self.differing = build_rows(runs, stage)
         self.keys = metric_keys(runs)
         headline = runs[0].summary.get("headline", "accuracy")
         self.metric = metric or headline
@@ -194,8 +204,8 @@ class ReportWriter:
         self.page.write_text(self._html())
         return self.page
 
-    def _save(self, figure: Any, name: str, section: str, caption: str) -> None:
-        figure.tight_layout()
+    def _save(self, figure: Any, name: str, section: str, caption: str, bottom: float = 0.0) -> None:
+        figure.tight_layout(rect=(0, bottom, 1, 1))
         figure.savefig(self.image_dir / name, dpi=110)
         self.plt.close(figure)
         self.figures.append(Figure(name, section, caption))
@@ -208,27 +218,36 @@ class ReportWriter:
             return
         points = [(row.mean(key), row.mean(self.metric)) for row in rows]
         front = pareto_front(points, self.maximize)  # type: ignore[arg-type]
-        figure, axes = self.plt.subplots(figsize=(8, 5.5))
+        equal: dict[tuple, list[int]] = {}  # equal points (a teacher every trial shares) get one label
+        for index in front:
+            equal.setdefault(points[index], []).append(index)
+        labels = {same[0]: _point_label(rows[same[0]], self.differing) + (f" (+{len(same) - 1} equal)" if len(same) > 1 else "")
+                  for same in equal.values()}
+        shown = min(len(labels), 15)  # the front's labels are listed under the plot, numbered as on it
+        figure, axes = self.plt.subplots(figsize=(9, 5.5 + 0.2 * shown))
         stages = sorted({row.stage for row in rows})
-        markers = dict(zip(stages, "os^Dv<>ph*"  * 10))
+        markers = dict(zip(stages, "os^Dv<>ph*" * 10))
         for stage in stages:
             mine = [point for point, row in zip(points, rows) if row.stage == stage]
             axes.scatter([x for x, _ in mine], [y for _, y in mine], marker=markers[stage], alpha=0.55, label=stage)
         axes.plot([points[i][0] for i in front], [points[i][1] for i in front], "-", color="black", linewidth=1.2, label="Pareto front")
-        for index in front:
-            axes.annotate(_point_label(rows[index], self.differing), points[index], textcoords="offset points",
-                          xytext=(4, 4), fontsize=7)
+        for number, index in enumerate(labels, start=1):
+            axes.annotate(str(number), points[index], textcoords="offset points", xytext=(4, 4), fontsize=8, weight="bold")
+        listed = [f"{number}. {label}" for number, label in enumerate(labels.values(), start=1)][:shown]
+        if len(labels) > shown:
+            listed.append(f"... and {len(labels) - shown} more (listed on the page)")
+        figure.text(0.01, 0.01, "\n".join(listed), fontsize=7, va="bottom", family="monospace")
         if key != "latency_ms" and max(x for x, _ in points) / max(min(x for x, _ in points), 1e-12) > 20:
             axes.set_xscale("log")
         axes.set_xlabel(title)
         axes.set_ylabel(self.metric)
-        axes.set_title(f"{self.metric} against {title}: {len(points)} points, {len(front)} on the front")
+        axes.set_title(f"{self.metric} against {title}: {len(points)} points, {len(labels)} on the front")
         axes.grid(alpha=0.3)
         axes.legend(fontsize=7, loc="best")
-        self.fronts[key] = [(_point_label(rows[i], self.differing), points[i][0], points[i][1]) for i in front]
-        self._save(figure, f"pareto_{key}.png", "Pareto fronts",
+        self.fronts[key] = [(label, points[index][0], points[index][1]) for index, label in labels.items()]
+        self._save(figure, f"pareto_{key}.png", "Pareto fronts", bottom=(0.16 * len(listed) + 0.1) / (5.5 + 0.2 * shown), caption=
                    f"{self.metric} against {title}; every stage of every run is a point (seed groups: their mean); "
-                   "the non-dominated points are joined and labelled.")
+                   "the non-dominated points are joined, numbered and listed below the plot.")
 
     def _curves(self, run: Run, records: list[dict[str, Any]]) -> None:
         series = stage_series(records)
@@ -353,7 +372,7 @@ class ReportWriter:
                 for key, title in COSTS:
                     if key in self.fronts:
                         items = "".join(f"<li>{html.escape(label)}: {self.metric} {y:.4f}, {title} {x:,.4g}</li>" for label, x, y in self.fronts[key])
-                        parts.append(f"<p>Front against {html.escape(title)}:</p><ul>{items}</ul>")
+                        parts.append(f"<p>Front against {html.escape(title)} (numbered as on its plot):</p><ol>{items}</ol>")
             for figure in self.figures:
                 if figure.section == section:
                     link = html.escape(str(base / figure.name))
@@ -370,15 +389,16 @@ def check_output(folder: Path) -> None:
                           "written over files (allowed: a new or empty folder)")
 
 
-def write_report(paths: Sequence[Path], output: Path, metric: str | None = None) -> tuple[Path, list[Run]]:
+def write_report(paths: Sequence[Path], output: Path, metric: str | None = None, stage: str | None = None) -> tuple[Path, list[Run]]:
     """`effitrain report`: output/index.html and its PNGs for the runs in `paths`.
 
     Raises:
-        ConfigError: a bad path (see `find_runs`), an output folder holding files, or an unknown metric.
+        ConfigError: a bad path (see `find_runs`), an output folder holding files, an unknown
+            metric or a stage no run has.
     """
     check_output(output)
     runs = find_runs(paths)
-    writer = ReportWriter(runs, output / "index.html", output, metric)
+    writer = ReportWriter(runs, output / "index.html", output, metric, stage)
     return writer.write(), runs
 
 

@@ -55,6 +55,9 @@ def test_the_page_names_every_run_and_links_pngs_that_exist(sweep: Path) -> None
     for link in links:
         assert (sweep / "out" / link).stat().st_size > 1000, link
     assert "Sparsity targets missed" in page and "achieved sparsity" in page
+    one_stage = run_cli("report", "sw", "-o", "pruned_only", "--stage", "pruned", cwd=sweep)
+    assert one_stage.returncode == 0, one_stage.stderr
+    assert "<td>dense</td>" not in (sweep / "pruned_only" / "index.html").read_text()
 
 
 def test_every_run_folder_has_its_own_report(sweep: Path) -> None:
@@ -108,10 +111,11 @@ def test_bad_report_input_is_one_line(sweep: Path, tmp_path: Path) -> None:
         (["broken", "-o", "o3"], "summary.json: not a readable ledger (JSONDecodeError"),
         ([sw, "-o", "full"], "-o full: already holds files; a report is never written over files"),
         ([sw, "-o", "o4", "--metric", "speed"], "--metric 'speed': no run reports it (allowed: val_accuracy, accuracy"),
+        ([sw, "-o", "o5", "--stage", "int8"], "--stage 'int8': no run has that stage (allowed: dense, pruned)"),
     ]
     for arguments, message in cases:
         result = run_cli("report", *arguments, cwd=tmp_path)
         assert result.returncode == 2 and message in result.stderr, (arguments, result.stderr)
         assert result.stderr.strip().splitlines() == [result.stderr.strip()] and "Traceback" not in result.stderr
     assert (tmp_path / "full" / "keep.txt").read_text() == "mine" and sorted(path.name for path in (tmp_path / "full").iterdir()) == ["keep.txt"]
-    assert not any((tmp_path / name).exists() for name in ("o1", "o2", "o3", "o4"))
+    assert not any((tmp_path / name).exists() for name in ("o1", "o2", "o3", "o4", "o5"))
