@@ -94,9 +94,20 @@ def read_metrics(run_dir: Path) -> list[dict[str, Any]]:
     return records
 
 
-def stage_series(records: list[dict[str, Any]]) -> list[tuple[str, int, list[dict[str, Any]], list[dict[str, Any]]]]:
-    """Per trained stage in the order it ran: (stage, step offset on the run's axis, step records,
-    epoch records). A resumed stage's repeated steps keep their last record."""
+@dataclass
+class Trained:
+    """One trained stage of a run as metrics.jsonl recorded it, placed on the run's step axis."""
+
+    stage: str
+    offset: int  # steps of the stages trained before it
+    end: int  # offset + its last step
+    steps: list[dict[str, Any]]
+    epochs: list[dict[str, Any]]
+
+
+def stage_series(records: list[dict[str, Any]]) -> list[Trained]:
+    """Per trained stage in the order it ran: its step and epoch records, one after the other on
+    the run's step axis. A resumed stage's repeated steps keep their last record."""
     order: list[str] = []
     steps: dict[str, dict[int, dict]] = {}
     epochs: dict[str, dict[int, dict]] = {}
@@ -110,8 +121,9 @@ def stage_series(records: list[dict[str, Any]]) -> list[tuple[str, int, list[dic
     for stage in order:
         stage_steps = [steps.get(stage, {})[key] for key in sorted(steps.get(stage, {}))]
         stage_epochs = [epochs.get(stage, {})[key] for key in sorted(epochs.get(stage, {}))]
-        series.append((stage, offset, stage_steps, stage_epochs))
-        offset += max([int(record["step"]) for record in stage_steps + stage_epochs] or [0])
+        end = offset + max([int(record["step"]) for record in stage_steps + stage_epochs] or [0])
+        series.append(Trained(stage, offset, end, stage_steps, stage_epochs))
+        offset = end
     return series
 
 
@@ -130,30 +142,26 @@ def schedule_figure(plt: Any, records: list[dict[str, Any]], summary: dict[str, 
     if not series:
         return None
     extras = [key for key in ("target_sparsity", "achieved_sparsity", "kd_weight")
-              if any(key in record for _, _, steps, _ in series for record in steps)]
+              if any(key in record for trained in series for record in trained.steps)]
     figure, panels = plt.subplots(2 if extras else 1, 1, figsize=(10, 5.5 if extras else 3), sharex=True, squeeze=False)
     lr_axes = panels[0][0]
-    for stage, offset, steps, _ in series:
-        lr_axes.plot([offset + r["step"] for r in steps], [r.get("lr", math.nan) for r in steps], linewidth=1, label=stage)
+    for trained in series:
+        lr_axes.plot([trained.offset + r["step"] for r in trained.steps], [r.get("lr", math.nan) for r in trained.steps], linewidth=1, label=trained.stage)
     lr_axes.set(ylabel="learning rate", title=title)
     if extras:
         axes = panels[1][0]
         styles = {"target_sparsity": "--", "achieved_sparsity": "-", "kd_weight": ":"}
         for key in extras:
-            for index, (stage, offset, steps, _) in enumerate(series):
-                found = [r for r in steps if key in r]
+            for index, trained in enumerate(series):
+                found = [r for r in trained.steps if key in r]
                 if found:
-                    axes.plot([offset + r["step"] for r in found], [r[key] for r in found], styles[key],
-                              color=f"C{index}", linewidth=1.2, label=f"{stage} {key.replace('_', ' ')}")
+                    axes.plot([trained.offset + r["step"] for r in found], [r[key] for r in found], styles[key],
+                              color=f"C{index}", linewidth=1.2, label=f"{trained.stage} {key.replace('_', ' ')}")
         axes.set(ylabel="fraction / weight", xlabel="optimizer step (run)", ylim=(-0.02, 1.02))
         axes.legend(fontsize=7)
     else:
         lr_axes.set_xlabel("optimizer step (run)")
-    windows = []
-    for stage, offset, steps, epochs in series:
-        owner = _owner(stage, summary)
-        if owner is not None and owner["kind"] == "qat":
-            windows.append((offset, offset + max([int(r["step"]) for r in steps + epochs] or [0])))
+    windows = [(trained.offset, trained.end) for trained in series if (_owner(trained.stage, summary) or {}).get("kind") == "qat"]
     for row in panels:
         for axes in row:
             for begin, end in windows:
@@ -254,16 +262,18 @@ class ReportWriter:
         if not series:
             return
         figure, (loss_axes, val_axes) = self.plt.subplots(1, 2, figsize=(11, 4))
-        monitor = next((key for _, _, _, epochs in series for record in epochs for key in record
+        monitor = next((key for trained in series for record in trained.epochs for key in record
                         if key == f"val_{self.metric.removeprefix('val_')}"), None)
-        for stage, offset, steps, epochs in series:
-            if steps:
-                loss_axes.plot([offset + r["step"] for r in steps], [r["train_loss"] for r in steps], linewidth=1, label=stage)
-            if epochs and monitor:
-                val_axes.plot([offset + r["step"] for r in epochs], [r.get(monitor, math.nan) for r in epochs], "o-", markersize=3, label=stage)
+        for trained in series:
+            if trained.steps:
+                loss_axes.plot([trained.offset + r["step"] for r in trained.steps], [r["train_loss"] for r in trained.steps],
+                               linewidth=1, label=trained.stage)
+            if trained.epochs and monitor:
+                val_axes.plot([trained.offset + r["step"] for r in trained.epochs], [r.get(monitor, math.nan) for r in trained.epochs],
+                              "o-", markersize=3, label=trained.stage)
             for axes in (loss_axes, val_axes):
-                axes.axvline(offset, color="grey", linewidth=0.5, linestyle=":")
-        loss_axes.set_yscale("log" if all(r["train_loss"] > 0 for _, _, steps, _ in series for r in steps) else "linear")
+                axes.axvline(trained.offset, color="grey", linewidth=0.5, linestyle=":")
+        loss_axes.set_yscale("log" if all(r["train_loss"] > 0 for trained in series for r in trained.steps) else "linear")
         loss_axes.set(xlabel="optimizer step (run)", ylabel="train loss", title="training loss")
         val_axes.set(xlabel="optimizer step (run)", ylabel=monitor or "", title=f"validation {(monitor or '').removeprefix('val_')} per epoch")
         for axes in (loss_axes, val_axes):
