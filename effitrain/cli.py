@@ -134,7 +134,7 @@ def list_configs() -> None:
 def show(
     ctx: typer.Context,
     schedule: bool = typer.Option(False, "--schedule", help="Print each training stage's planned steps, lr, sparsity and KD weight."),
-    output: Optional[Path] = typer.Option(None, "-o", "--output", help="With --schedule: also draw it to this new .png/.svg/.pdf file."),
+    output: Optional[Path] = typer.Option(None, "-o", "--output", help="With --schedule: also draw it to this new .png/.svg/.pdf file, or write every step to a .csv."),
 ) -> None:
     """Print the composed config as YAML, without running: `effitrain show recipe=baseline precision=bf16`;
     with --schedule, the planned schedules instead (`-o FILE` draws them)."""
@@ -160,7 +160,7 @@ def show(
     typer.echo(OmegaConf.to_yaml(cfg, resolve=True), nl=False)
 
 
-PLOT_SUFFIXES = (".png", ".svg", ".pdf")
+PLOT_SUFFIXES = (".png", ".svg", ".pdf", ".csv")  # a plot, or every planned step as a table
 
 
 def _check_plot_file(path: Path) -> None:
@@ -201,10 +201,10 @@ def _show_schedule(args: list[str], output: Optional[Path]) -> None:
                           *[f"{values[step - 1]:.4f}" for values in fit.values.values()])
         console.print(table)
     if output is not None and fits:
-        from effitrain.report import write_schedule_plot
+        from effitrain.report import write_schedule
 
-        _guard(lambda: write_schedule_plot(fits, output, "planned schedules: " + " ".join(args)))
-        console.print(f"plot: {output}")
+        _guard(lambda: write_schedule(fits, output, "planned schedules: " + " ".join(args)))
+        console.print(f"written: {output}")
 
 
 @app.command()

@@ -11,6 +11,7 @@ imports torch.
 
 from __future__ import annotations
 
+import csv
 import html
 import json
 import math
@@ -426,10 +427,16 @@ def planned_records(fits: list[tuple[str, str, Any]]) -> tuple[list[dict[str, An
     return records, {"stages": [{"name": stage, "kind": kind, "metrics": {}} for stage, kind, _ in fits]}
 
 
-def write_schedule_plot(fits: list[tuple[str, str, Any]], path: Path, title: str) -> None:
-    """The planned schedules of `fits` as one figure (format from the suffix: png, svg or pdf)."""
-    plt = _pyplot()
+def write_schedule(fits: list[tuple[str, str, Any]], path: Path, title: str) -> None:
+    """The planned schedules of `fits`: every step as csv (a .csv path), else one figure (png, svg or pdf)."""
     records, summary = planned_records(fits)
+    if path.suffix.lower() == ".csv":
+        with path.open("w", newline="") as handle:
+            writer = csv.DictWriter(handle, fieldnames=list(dict.fromkeys(key for record in records for key in record)))
+            writer.writeheader()
+            writer.writerows(records)
+        return
+    plt = _pyplot()
     figure = schedule_figure(plt, records, summary, title)
     if figure is None:
         raise ConfigError(f"-o {path}: the recipe trains nothing, so there is no schedule to draw")

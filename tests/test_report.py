@@ -3,6 +3,7 @@ sweep, the planned schedule against what a run logged, a missed sparsity target,
 
 from __future__ import annotations
 
+import csv
 import json
 import re
 import shutil
@@ -96,6 +97,10 @@ def test_show_schedule_prints_and_draws_the_plan(tmp_path: Path) -> None:
     assert (tmp_path / "plan.png").stat().st_size > 1000
     again = run_cli("show", *PRUNE, "--schedule", "-o", "plan.png", cwd=tmp_path)
     assert again.returncode == 2 and "already exists" in again.stderr
+    assert run_cli("show", *PRUNE, "--schedule", "-o", "plan.csv", cwd=tmp_path).returncode == 0
+    rows = list(csv.DictReader((tmp_path / "plan.csv").open()))
+    pruned = [row for row in rows if row["stage"] == "pruned"]
+    assert [int(row["step"]) for row in pruned] == list(range(1, len(pruned) + 1)) and float(pruned[-1]["target_sparsity"]) == 0.8
 
 
 def test_bad_report_input_is_one_line(sweep: Path, tmp_path: Path) -> None:
