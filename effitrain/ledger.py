@@ -115,8 +115,8 @@ def notes(metrics: dict[str, Any]) -> str:
         parts.append("peers " + "/".join(f"{value:.3f}" for value in metrics["peer_accuracy"]))
     if metrics.get("backend"):
         parts.append(metrics["backend"])
-    if sparsity_gap(metrics):
-        parts.append(sparsity_gap(metrics))
+    if gap := sparsity_gap(metrics):
+        parts.append(gap)
     if metrics.get("churn") is not None:
         parts.append(f"churn {metrics['churn']:.3f}")
     return ", ".join(parts)

@@ -263,8 +263,9 @@ class ReportWriter:
         if not series:
             return
         figure, (loss_axes, val_axes) = self.plt.subplots(1, 2, figsize=(11, 4))
-        monitor = next((key for trained in series for record in trained.epochs for key in record
-                        if key == f"val_{self.metric.removeprefix('val_')}"), None)
+        monitor: str | None = f"val_{self.metric.removeprefix('val_')}"
+        if not any(monitor in record for trained in series for record in trained.epochs):
+            monitor = None
         for trained in series:
             if trained.steps:
                 loss_axes.plot([trained.offset + r["step"] for r in trained.steps], [r["train_loss"] for r in trained.steps],
