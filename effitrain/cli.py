@@ -1,4 +1,4 @@
-"""The `effitrain` command: run, resume, ls, show, churn, compare, report.
+"""The `effitrain` command: run, resume, ls, show, churn, compare, report, export.
 
 `run` hands its arguments to Hydra untouched (after moving -m/--multirun to the front, where
 Hydra's argparse wants it). Before Hydra creates any run folder, the composed config of every
@@ -262,6 +262,22 @@ def report(
     folder = output if output is not None else paths[0] / "report"
     page, runs = _guard(lambda: write_report(paths, folder, metric, stage))
     typer.echo(f"{page} ({len(runs)} runs; open it in a browser)")
+
+
+@app.command()
+def export(
+    target: str = typer.Argument(..., help="RUN_DIR or RUN_DIR:STAGE (default: the last completed stage)."),
+    fmt: Optional[str] = typer.Option(None, "--format", help="onnx, torchscript, hf or safetensors (default: onnx where the model has an ONNX graph)."),
+    output: Optional[Path] = typer.Option(None, "-o", "--output", help="A new file (model.onnx, model.pt, model.safetensors) or a new/empty folder (default: RUN_DIR/artifacts/STAGE.SUFFIX)."),
+    min_agreement: float = typer.Option(0.999, "--min-agreement", help="Least fraction of test predictions equal to the stage's own; below it nothing is written."),
+) -> None:
+    """Export a stage's model to a standalone artifact; parity is checked in a fresh process without effitrain."""
+    from effitrain.export import export_run
+
+    artifact, record = _guard(lambda: export_run(target, fmt, output, min_agreement))
+    typer.echo(f"{artifact}: {record['format']} of stage {record['stage']}, {record['bytes']:,} bytes; test accuracy {record['test_accuracy']:.4f} "
+               f"(stage {record['stage_test_accuracy']:.4f}), agreement {record['agreement']:.4f} on {record['examples']} examples; "
+               f"{record['latency_ms']:.3f} ms per batch of {record['latency_batch']} in {record['runtime']}")
 
 
 def main(argv: Optional[list[str]] = None) -> None:
