@@ -84,7 +84,9 @@ def ledger_table(summary: dict[str, Any]) -> Any:
     headline = summary.get("headline", "accuracy")
     columns = [(headline, headline, lambda v: f"{v:.4f}"), *COLUMNS]
     precision = summary["precision"]
-    table = Table(title=f"{summary['recipe']} on {summary['device']} ({precision['used']}) — {summary['status']}")
+    runtime = next((row["metrics"]["latency_runtime"] for row in summary["stages"] if row["metrics"].get("latency_runtime")), None)
+    timed = f", latency in {runtime}" if runtime else ""
+    table = Table(title=f"{summary['recipe']} on {summary['device']} ({precision['used']}{timed}) — {summary['status']}")
     # numbers are never cut with an ellipsis: a narrow table wraps the notes first, then folds cells
     table.add_column("stage", overflow="fold")
     table.add_column("kind", overflow="fold")

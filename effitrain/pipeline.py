@@ -92,6 +92,23 @@ def _check_metrics(cfg: DictConfig, task: Task) -> None:
         require(objective.metric in allowed, f"objective[{index}].metric", objective.metric, ", ".join(allowed))
 
 
+def _check_runtime(cfg: DictConfig) -> None:
+    """`measure.runtime: onnxruntime` needs the deploy extra and stages whose models have an ONNX graph."""
+    if cfg.measure.runtime != "onnxruntime":
+        return
+    from effitrain.export import check_runtime
+
+    try:
+        check_runtime("onnx")
+    except ConfigError:
+        raise ConfigError("measure.runtime = 'onnxruntime' needs onnxruntime, onnx and onnxscript, which are not installed "
+                          "(pip install -e \".[deploy]\"; allowed without them: measure.runtime=torch)") from None
+    for name, stage in cfg.stage.items():
+        if stage.get("backend") == "x86_static":
+            raise ConfigError(f"stage.{name}.backend = 'x86_static' makes torch.ao static int8 graphs, which have no ONNX export; "
+                              "measure.runtime = 'onnxruntime' cannot time them (allowed: measure.runtime=torch, or backend auto/x86_dynamic/weight_only)")
+
+
 def make_plan(cfg: DictConfig) -> RunPlan:
     """Validate the whole config once and build the task, every stage and the precision policy.
 
@@ -101,6 +118,7 @@ def make_plan(cfg: DictConfig) -> RunPlan:
     typed = validate(cfg)
     task = build_task(typed.task)
     _check_metrics(typed, task)
+    _check_runtime(typed)
     stages = {}
     for name, stage_cfg in typed.stage.items():
         stage = build_stage(str(name), stage_cfg)
@@ -241,6 +259,12 @@ def run(cfg: DictConfig, run_dir: Path, recipe: str) -> float | tuple[float, ...
             stage.save_model(result.model, saved)
             metrics = measure(result.model, task, data.test, data.val, example, precision, saved,
                               warmup=cfg.measure.warmup, repeats=cfg.measure.repeats, threads=cfg.measure.threads)
+            if cfg.measure.runtime == "onnxruntime":  # the latency a deployment in ONNX Runtime gets; torch's kept beside it
+                from effitrain.export.ort import onnxruntime_latency
+
+                metrics["latency_ms_torch"] = metrics["latency_ms"]
+                metrics["latency_ms"], metrics["latency_runtime"] = onnxruntime_latency(
+                    result.model, example, cfg.measure.warmup, cfg.measure.repeats, cfg.measure.threads, device.type == "cuda", f"stage.{name}")
             labels, predictions = metrics.pop("labels", None), metrics.pop("predictions", None)
             if predictions is not None:
                 write_predictions(run_dir / "predictions" / f"{name}.json", labels, predictions)

@@ -3,7 +3,9 @@
 One shape for every group and stage kind: the YAML files in `conf/` hold every default (with a
 comment each); the dataclasses here (and each stage class) hold only types, with MISSING
 defaults, so a wrong type or unknown key fails in OmegaConf's merge and no default can drift
-between a YAML file and a class. `RULES` holds the allowed ranges.
+between a YAML file and a class. `RUNTIMES = ("torch", "onnxruntime")  # where the ledger's latency_ms is timed
+
+RULES` holds the allowed ranges.
 """
 
 from __future__ import annotations
@@ -54,6 +56,7 @@ class MeasureConfig:
     warmup: int = MISSING
     repeats: int = MISSING
     threads: Optional[int] = MISSING
+    runtime: str = MISSING
 
 
 @dataclass
@@ -92,6 +95,8 @@ TRAINING_SECTIONS = ("trainer", "optimizer", "scheduler")
 Rule = tuple[str, Callable[[Any], bool], str]
 
 # (dotted key, test, what is allowed). `None` passes for optional keys and absent ones.
+RUNTIMES = ("torch", "onnxruntime")  # where the ledger's latency_ms is timed
+
 RULES: list[Rule] = [
     ("precision.policy", lambda v: v in PRECISION_POLICIES, f"one of {', '.join(PRECISION_POLICIES)}"),
     ("precision.init_scale", lambda v: v > 0, "a number > 0"),
@@ -115,6 +120,7 @@ RULES: list[Rule] = [
     ("measure.warmup", lambda v: v >= 0, "an integer >= 0"),
     ("measure.repeats", lambda v: v >= 10, "an integer >= 10 (latency is a median of at least 10 passes)"),
     ("measure.threads", lambda v: v >= 1, "an integer >= 1, or null for torch's default"),
+    ("measure.runtime", lambda v: v in RUNTIMES, ", ".join(RUNTIMES)),
     ("data.batch_size", lambda v: isinstance(v, int) and v >= 1, "an integer >= 1"),
     ("data.eval_batch_size", lambda v: isinstance(v, int) and v >= 1, "an integer >= 1"),
     ("data.val_fraction", lambda v: 0 < v < 1, "a number in (0, 1)"),
