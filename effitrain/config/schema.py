@@ -56,7 +56,7 @@ class MeasureConfig:
     warmup: int = MISSING
     repeats: int = MISSING
     threads: Optional[int] = MISSING
-    runtime: str = MISSING
+    runtime: str = "torch"  # also what run folders made before this key existed were timed in
 
 
 @dataclass

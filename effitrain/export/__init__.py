@@ -80,9 +80,9 @@ def plan_target(run_dir: Path, stage: str, fmt: str, output: Optional[Path], tex
     from effitrain.export.formats import FORMATS
 
     suffix = FORMATS[fmt].suffix
-    if output is None:
+    default = output is None
+    if output is None:  # RUN_DIR/artifacts/ is made when the export is written, after every check
         output = run_dir / "artifacts" / (f"{stage}{suffix}" if suffix else f"{stage}_{fmt}")
-        output.parent.mkdir(exist_ok=True)
     if suffix and output.suffix == suffix:
         stem = output.with_suffix("")
         target = Target(output, stem.with_name(stem.name + ".export.json"), stem.with_name(stem.name + ".tokenizer") if text else None)
@@ -97,7 +97,7 @@ def plan_target(run_dir: Path, stage: str, fmt: str, output: Optional[Path], tex
             raise ConfigError(f"-o {output}: already holds files; effitrain never overwrites (allowed: a new or empty folder)")
         target = Target(output / f"model{suffix}" if suffix else output, output / "export.json",
                         (output / "tokenizer") if text and suffix else None, folder=output)
-    if not output.parent.is_dir():
+    if not default and not output.parent.is_dir():
         raise ConfigError(f"-o {output}: folder {output.parent} does not exist")
     return target
 
@@ -225,6 +225,7 @@ def export_run(target_text: str, fmt: Optional[str], output: Optional[Path], min
 
         tokenizer = load_tokenizer(str(config.data.tokenizer), bool(config.data.get("offline", True)))
     model = model.cpu().eval()
+    (target.folder or target.artifact).parent.mkdir(exist_ok=True)
     staging = Path(tempfile.mkdtemp(dir=(target.folder or target.artifact).parent, prefix=f".{(target.folder or target.artifact).name}.partial-"))
     try:
         staged = target.staged(staging)

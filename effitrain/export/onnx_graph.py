@@ -18,6 +18,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import io
+import logging
 from pathlib import Path
 from typing import Any, Callable
 
@@ -203,5 +204,11 @@ def write_onnx(module: nn.Module, example: tuple[Tensor, ...], input_names: list
             dynamic_shapes=(tuple({0: batch} for _ in example),), custom_translation_table=_translations(), verbose=False,
             optimize=False,
         )
-    optimize_ir(program.model, should_fold=_keeps_integers)
+    folding = logging.getLogger("onnxscript")
+    level = folding.level
+    folding.setLevel(logging.ERROR)  # it warns about each shape it cannot fold; the graph is checked by running it
+    try:
+        optimize_ir(program.model, should_fold=_keeps_integers)
+    finally:
+        folding.setLevel(level)
     program.save(str(path), external_data=False)
