@@ -3,6 +3,7 @@ on a tiny BERT saved to a local folder (the real MiniLM recipe runs by hand and 
 
 from __future__ import annotations
 
+import json
 import shutil
 import time
 from pathlib import Path
@@ -92,6 +93,24 @@ def test_distill_bert_recipe_end_to_end_on_a_tiny_bert(tiny_bert_dir, workdir) -
     assert rows["student"]["params"] < rows["teacher"]["params"]
     assert rows["student"]["teacher_accuracy"] == [pytest.approx(rows["teacher"]["accuracy"])]
     assert (run_dir / "predictions" / "student.json").is_file()
+    # the student as a Hugging Face folder, the int8 stage as ONNX with the tokenizer beside it
+    exported = run_cli("export", f"{run_dir}:student", "--format", "hf", "-o", "student_hf", cwd=workdir, timeout=300)
+    assert exported.returncode == 0, exported.stderr[-3000:]
+    assert "agreement 1.0000" in exported.stdout
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    model = AutoModelForSequenceClassification.from_pretrained(workdir / "student_hf").eval()
+    tokenizer = AutoTokenizer.from_pretrained(workdir / "student_hf")
+    assert model.config.num_hidden_layers == 3 and model.num_parameters() == rows["student"]["params"]
+    encoded = tokenizer(["Shares in the bank rose after profits beat forecasts."], padding="max_length", max_length=16, truncation=True, return_tensors="pt")
+    assert model(**encoded).logits.shape == (1, 5)
+    record = json.loads((workdir / "student_hf" / "export.json").read_text())
+    assert record["agreement"] == 1.0 and record["test_accuracy"] == pytest.approx(rows["student"]["accuracy"])
+    int8 = run_cli("export", f"{run_dir}:int8", "--format", "onnx", "-o", "int8.onnx", cwd=workdir, timeout=300)
+    assert int8.returncode == 0, int8.stderr[-3000:]
+    record = json.loads((workdir / "int8.export.json").read_text())
+    assert record["inputs"] == ["input_ids", "attention_mask"] and record["agreement"] >= 0.999
+    assert AutoTokenizer.from_pretrained(workdir / "int8.tokenizer")("hello")["input_ids"]
 
 
 def test_bert_heads_and_ffn_neurons_are_pruned_physically(tiny_bert_dir, workdir) -> None:
@@ -107,6 +126,12 @@ def test_bert_heads_and_ffn_neurons_are_pruned_physically(tiny_bert_dir, workdir
     assert layers["bert.encoder.layer.0.attention.self.query"] == [16, 32]  # 1 of 2 heads left (head size 16)
     assert layers["bert.encoder.layer.0.intermediate.dense"] == [32, 32]    # 64 -> 32 FFN neurons
     assert layers["bert.encoder.layer.0.output.dense"] == [32, 32]          # residual width kept
+    # transformers 5 has no `pruned_heads`: a head-pruned BERT goes to ONNX, not to a transformers folder
+    refused = run_cli("export", "run:pruned", "--format", "hf", cwd=workdir, timeout=300)
+    assert refused.returncode == 2 and "pruned attention heads ([1, 1, 1] per layer of 2)" in refused.stderr
+    assert "(allowed for this model: onnx, torchscript, safetensors)" in refused.stderr
+    exported = run_cli("export", "run:pruned", "-o", "pruned.onnx", cwd=workdir, timeout=300)
+    assert exported.returncode == 0 and "agreement 1.0000" in exported.stdout, exported.stderr[-3000:]
 
 
 def test_structured_bert_pruning_reloads_the_saved_shapes(tmp_path_factory, workdir) -> None:
