@@ -47,7 +47,7 @@ def main() -> None:
     from omegaconf import OmegaConf
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
-    from effitrain.export import test_inputs
+    from effitrain.export.parity import split_inputs
     from effitrain.export.formats import FORMATS
     from effitrain.export.ort import session, time_session
     from effitrain.pipeline import build_task
@@ -70,7 +70,7 @@ def main() -> None:
             model, data = load_run_model(args.run_dir, stage)
             model = model.cpu().eval()
             if arrays is None:
-                arrays, names, keyed = test_inputs(data, task)
+                arrays, names, keyed = split_inputs(data, task)
                 timed = {name: value[: config.measure.batch_size] for name, value in arrays.items()}
                 batch = int(data.test.batch_size or 64)
             example = {name: torch.from_numpy(value[:2]) for name, value in arrays.items()}

@@ -42,14 +42,14 @@ def saved_predictions(run_dir: Path, stage: str) -> list[int]:
     return json.loads((run_dir / "predictions" / f"{stage}.json").read_text())["predictions"]
 
 
-def split_inputs(run_dir: Path) -> np.ndarray:
-    from effitrain.export import test_inputs
+def held_out_inputs(run_dir: Path) -> np.ndarray:
+    from effitrain.export.parity import split_inputs
     from effitrain.pipeline import build_task
     from effitrain.runs import load_run_model
     from omegaconf import OmegaConf
 
     _, data = load_run_model(run_dir, None)
-    return test_inputs(data, build_task(OmegaConf.load(run_dir / ".hydra" / "config.yaml").task))[0]["inputs"]
+    return split_inputs(data, build_task(OmegaConf.load(run_dir / ".hydra" / "config.yaml").task))[0]["inputs"]
 
 
 # a user's own script in a fresh interpreter: loads the artifact with its runtime alone, predicts, and says whether effitrain got imported
@@ -89,7 +89,7 @@ def test_stage_exports_load_without_effitrain_with_the_ledgers_predictions(runs,
     assert record["bytes"] == artifact.stat().st_size and record["latency_ms"] > 0
     ledger = {row["name"]: row["metrics"] for row in read_summary(runs[run])["stages"]}[stage]
     assert record["test_accuracy"] == pytest.approx(ledger["accuracy"], abs=2 / record["examples"])
-    loaded = load_fresh(fmt, artifact, split_inputs(runs[run]), tmp_path)
+    loaded = load_fresh(fmt, artifact, held_out_inputs(runs[run]), tmp_path)
     agreement = np.mean(np.array(loaded) == np.array(saved_predictions(runs[run], stage)))
     assert agreement >= 0.999 and agreement == pytest.approx(record["agreement"])
 
