@@ -93,7 +93,7 @@ def _check_metrics(cfg: DictConfig, task: Task) -> None:
 
 
 def _check_runtime(cfg: DictConfig) -> None:
-    """`measure.runtime: onnxruntime` needs the deploy extra and stages whose models have an ONNX graph."""
+    """`measure.runtime: onnxruntime` needs the deploy extra."""
     if cfg.measure.runtime != "onnxruntime":
         return
     from effitrain.export import check_runtime
@@ -103,10 +103,6 @@ def _check_runtime(cfg: DictConfig) -> None:
     except ConfigError:
         raise ConfigError("measure.runtime = 'onnxruntime' needs onnxruntime, onnx and onnxscript, which are not installed "
                           "(pip install -e \".[deploy]\"; allowed without them: measure.runtime=torch)") from None
-    for name, stage in cfg.stage.items():
-        if stage.get("backend") == "x86_static":
-            raise ConfigError(f"stage.{name}.backend = 'x86_static' makes torch.ao static int8 graphs, which have no ONNX export; "
-                              "measure.runtime = 'onnxruntime' cannot time them (allowed: measure.runtime=torch, or backend auto/x86_dynamic/weight_only)")
 
 
 def make_plan(cfg: DictConfig) -> RunPlan:

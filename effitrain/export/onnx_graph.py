@@ -9,6 +9,7 @@ torch ops whose ONNX translations carry the stage's own integers and scales:
 - weight-only int8/int4 Linear/Conv -> DequantizeLinear (per-channel axis 0, int4/uint4 types
   at 4 bits) feeding the float op; int8/int4 embeddings gather integer rows, then rescale.
 - clustered (shared) weights -> Gather of the codebook by uint8 indices.
+- torch.ao static int8 graphs -> QDQ around float ops (see `qdq.py`).
 
 Nothing is re-quantized: the integers written are the ones the stage saved.
 """
@@ -99,7 +100,10 @@ def _translations() -> dict[Any, Callable]:
     def shared(codebook, indices, shape):  # type: ignore[no-untyped-def]
         return op.Reshape(op.Gather(codebook, op.Cast(indices, to=TensorProto.INT64)), op.Constant(value_ints=list(shape)))
 
+    from effitrain.export.qdq import translations as qdq_translations
+
     return {
+        **qdq_translations(),
         torch.ops.effitrain.dynamic_int8_linear.default: dynamic_linear,
         torch.ops.effitrain.dequantize_weight.default: dequantize,
         torch.ops.effitrain.shared_weight.default: shared,
@@ -159,14 +163,23 @@ REPLACEMENTS: dict[type, type] = {DynamicInt8Linear: OnnxDynamicInt8, QuantizedW
 
 def unexportable(model: nn.Module) -> str | None:
     """Why the model has no ONNX graph here (one clause), or None."""
+    from effitrain.export import qdq
+
+    if qdq.is_static_int8(model):
+        return qdq.unsupported(model)
     for name, module in model.named_modules():
         if type(module).__module__.startswith("torch.ao.nn.quantized") and not isinstance(module, nn.Embedding):
-            return f"its layer {name or '(root)'} is a torch.ao static int8 kernel ({type(module).__name__}), which ONNX's exporter cannot translate"
+            return f"its layer {name or '(root)'} is a torch.ao int8 kernel ({type(module).__name__}) outside a static int8 graph"
     return None
 
 
 def onnx_ready(model: nn.Module) -> nn.Module:
-    """A copy of `model` (eval, CPU) with integer layers swapped for their ONNX-translatable twins."""
+    """A copy of `model` (eval, CPU) with integer layers swapped for their ONNX-translatable twins
+    (a static int8 graph rewritten as QDQ)."""
+    from effitrain.export import qdq
+
+    if qdq.is_static_int8(model):
+        return qdq.qdq_ready(model)  # type: ignore[arg-type]
     copied = copy.deepcopy(model).cpu().eval()
     names = [name for name, module in copied.named_modules() if type(module) in REPLACEMENTS]
     for name in names:
@@ -211,4 +224,7 @@ def write_onnx(module: nn.Module, example: tuple[Tensor, ...], input_names: list
         optimize_ir(program.model, should_fold=_keeps_integers)
     finally:
         folding.setLevel(level)
+    for node in program.model.graph.all_nodes():  # the exporter's per-node stack traces would be most of a small file
+        node.metadata_props.clear()
+        node.doc_string = None
     program.save(str(path), external_data=False)

@@ -86,8 +86,9 @@ def plan_target(run_dir: Path, stage: str, fmt: str, output: Optional[Path], tex
 
 
 def make_readable(folder: Path) -> None:
-    """Staged files get the user's usual permissions (mkdtemp/mkstemp make them private)."""
-    umask = os.umask(0)
-    os.umask(umask)
+    """Staged files get the user's usual permissions (mkdtemp makes the folder private)."""
+    from effitrain.runfiles import umask
+
+    mask = umask()
     for path in [folder, *folder.rglob("*")]:
-        path.chmod((0o777 if path.is_dir() else 0o666) & ~umask)
+        path.chmod((0o777 if path.is_dir() else 0o666) & ~mask)
