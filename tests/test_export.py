@@ -163,8 +163,14 @@ def test_bad_input_one_line_exit_2_nothing_written(runs, tmp_path) -> None:
         ([f"{runs['compress']}:static", "--format", "safetensors"], "is a torch quantized tensor, which safetensors cannot hold (allowed for this model: onnx, torchscript)"),
         ([f"{quick}:int8", "--min-agreement", "1.5"], "--min-agreement = 1.5 is not allowed"),
     ]
-    for args, message in cases:
-        assert_refused(run_cli("export", *args, cwd=tmp_path, timeout=300), message, tmp_path)
+    for index, (args, message) in enumerate(cases):  # two through the CLI (one line, exit 2), the rest in-process (same code)
+        if index in (0, 6):
+            assert_refused(run_cli("export", *args, cwd=tmp_path, timeout=300), message, tmp_path)
+            continue
+        options = dict(zip(args[1::2], args[2::2]))
+        with pytest.raises(ConfigError) as raised:
+            export_run(args[0], options.get("--format"), Path(options["-o"]) if "-o" in options else None, float(options.get("--min-agreement", 0.999)))
+        assert message in str(raised.value) and "\n" not in str(raised.value)
     assert (tmp_path / "busy" / "keep.txt").read_text() == "mine"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["busy"]
     assert not (quick / "artifacts").exists()
