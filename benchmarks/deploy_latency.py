@@ -18,7 +18,6 @@ against ONNX Runtime's int8 teacher. Needs the deploy extra (pip install -e ".[d
 from __future__ import annotations
 
 import argparse
-import statistics
 import tempfile
 import time
 from pathlib import Path
@@ -49,7 +48,8 @@ def main() -> None:
 
     from effitrain.export.parity import split_inputs
     from effitrain.export.formats import FORMATS
-    from effitrain.export.ort import session, time_session
+    from effitrain.export.ort import session
+    from effitrain.retime import interleaved
     from effitrain.pipeline import build_task
     from effitrain.predictions import run_predictions
     from effitrain.runfiles import read_summary
@@ -99,12 +99,9 @@ def main() -> None:
                 candidates[f"{teacher} (ONNX Runtime dynamic int8)"] = {"run": lambda inputs, s=int8: s.run(["logits"], inputs)[0], "bytes": quantized.stat().st_size}
         for entry in candidates.values():
             entry["accuracy"] = accuracy(entry["run"], arrays, labels, batch)
-        medians: dict[str, list[float]] = {name: [] for name in candidates}
-        for _ in range(args.rounds):  # interleaved: every candidate once per round
-            for name, entry in candidates.items():
-                medians[name].append(time_session(entry["run"], timed, warmup=3, repeats=args.repeats))
+        runners = {name: (lambda entry=entry: entry["run"](timed)) for name, entry in candidates.items()}
+        latency = interleaved(runners, args.rounds, args.repeats, warmup=3)  # every candidate once per round
     base, ort_int8 = f"{teacher} (PyTorch fp32)", f"{teacher} (ONNX Runtime dynamic int8)"
-    latency = {name: statistics.median(values) for name, values in medians.items()}
     print(f"{args.run_dir}: batch of {len(next(iter(timed.values())))}, {args.rounds} interleaved rounds x {args.repeats} passes, "
           f"{torch.get_num_threads()} torch threads, {time.strftime('%Y-%m-%d %H:%M')}")
     header = f"{'model':<44} {'accuracy':>8} {'acc/teacher':>11} {'MB':>8} {'ms':>9} {'faster x':>9} {'smaller x':>9} {'vs ORT int8 teacher':>19}"

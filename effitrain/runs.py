@@ -9,6 +9,7 @@ layers) by the same code.
 
 from __future__ import annotations
 
+import copy
 import logging
 import tempfile
 from pathlib import Path
@@ -75,8 +76,12 @@ def check_resumable(run_dir: Path) -> None:
 
 
 def replay(stages: dict[str, Stage], model: nn.Module, ctx: Context, run_dir: Path, completed: set[str],
-           execute: Execute | None, upto: Optional[str] = None) -> nn.Module:
+           execute: Execute | None, upto: Optional[str] = None, keep: Callable[[str, nn.Module], None] | None = None) -> nn.Module:
     """Walk the stages in order: load the completed ones, `execute` the others; stop after `upto`.
+
+    Args:
+        keep: called with each stage's name and model as soon as it is there (later stages may
+            change that model in place: copy what must stay as it is).
 
     Returns:
         The last stage's model.
@@ -93,23 +98,24 @@ def replay(stages: dict[str, Stage], model: nn.Module, ctx: Context, run_dir: Pa
             assert execute is not None, f"stage {name} has not completed"
             model = execute(index, name, stage, prepared, saved)
         ctx.models[name] = model
+        if keep is not None:
+            keep(name, model)
         if name == upto:
             break
     return model
 
 
-def load_run_model(run_dir: Path, stage: Optional[str] = None) -> tuple[nn.Module, Any]:
-    """Rebuild the model a completed stage of a run saved, in any process (e.g. a fresh one).
-
-    The run's stages are replayed the way a resumed run replays completed ones. Nothing in the
+def load_run_models(run_dir: Path, stages: Optional[list[str]] = None) -> tuple[dict[str, nn.Module], Any, Any]:
+    """Rebuild the models completed stages of a run saved, in any process (e.g. a fresh one), in
+    one replay of the run's stages (the way a resumed run replays completed ones). Nothing in the
     run folder is written.
 
     Args:
         run_dir: an effitrain run folder.
-        stage: the stage whose model to return (default: the last completed one).
+        stages: the stages whose models to return (default: the last completed one).
 
     Returns:
-        (model in eval mode, the run's DataBundle).
+        ({stage: model in eval mode}, the run's DataBundle, the run's RunPlan).
 
     Raises:
         ConfigError: not a run folder, or no such completed stage.
@@ -121,18 +127,36 @@ def load_run_model(run_dir: Path, stage: Optional[str] = None) -> tuple[nn.Modul
     from effitrain.runlog import RunLogger
     from effitrain.stages.base import build_model
 
-    name = completed_stage(run_dir, stage)
+    names = [completed_stage(run_dir, stage) for stage in (stages or [None])]  # type: ignore[list-item]
     register_resolvers()
     plan = make_plan(OmegaConf.load(run_dir / ".hydra" / "config.yaml"))
     seed_everything(plan.cfg.seed)
     data = build_data(plan.cfg)
+    order = list(plan.stages)
+    last = max(names, key=order.index)
+    models: dict[str, nn.Module] = {}
+
+    def keep(name: str, model: nn.Module) -> None:  # later stages may change a model in place: copy all but the last
+        if name in names:
+            models[name] = model if name == last else copy.deepcopy(model)
+
     with tempfile.TemporaryDirectory() as scratch:
         logger = RunLogger(Path(scratch), tensorboard=False)
         ctx = Context(cfg=plan.cfg, precision=plan.precision, data=data, task=plan.task, run_dir=run_dir, logger=logger,
                       resume=True, load_run=lambda path, which: load_run_model(path, which)[0])
         model = build_model(plan.cfg.model).to(plan.precision.device)
         try:
-            model = replay(plan.stages, model, ctx, run_dir, set(plan.stages), None, upto=name)
+            replay(plan.stages, model, ctx, run_dir, set(plan.stages), None, upto=last, keep=keep)
         finally:
             logger.close()
-    return model.eval(), data
+    return {name: models[name].eval() for name in names}, data, plan
+
+
+def load_run_model(run_dir: Path, stage: Optional[str] = None) -> tuple[nn.Module, Any]:
+    """Rebuild the model a completed stage of a run saved (see `load_run_models`).
+
+    Returns:
+        (model in eval mode, the run's DataBundle).
+    """
+    models, data, _ = load_run_models(run_dir, [stage] if stage is not None else None)
+    return next(iter(models.values())), data

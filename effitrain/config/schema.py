@@ -57,6 +57,8 @@ class MeasureConfig:
     repeats: int = MISSING
     threads: Optional[int] = MISSING
     runtime: str = "torch"  # also what run folders made before this key existed were timed in
+    final_retime: bool = True  # (defaults here only for run folders made before these keys existed)
+    rounds: int = 5
 
 
 @dataclass
@@ -121,6 +123,7 @@ RULES: list[Rule] = [
     ("measure.repeats", lambda v: v >= 10, "an integer >= 10 (latency is a median of at least 10 passes)"),
     ("measure.threads", lambda v: v >= 1, "an integer >= 1, or null for torch's default"),
     ("measure.runtime", lambda v: v in RUNTIMES, ", ".join(RUNTIMES)),
+    ("measure.rounds", lambda v: v >= 1, "an integer >= 1"),
     ("data.batch_size", lambda v: isinstance(v, int) and v >= 1, "an integer >= 1"),
     ("data.eval_batch_size", lambda v: isinstance(v, int) and v >= 1, "an integer >= 1"),
     ("data.val_fraction", lambda v: 0 < v < 1, "a number in (0, 1)"),

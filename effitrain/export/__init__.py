@@ -77,10 +77,11 @@ def export_run(target_text: str, fmt: Optional[str], output: Optional[Path], min
 
     model, data = load_run_model(run_dir, stage)
     where = f"{run_dir}:{stage}"
+    chosen = fmt is not None
     fmt = fmt or default_format(model)
     check_runtime(fmt)
     refuse_unfit(model, fmt, where)
-    target = plan_target(run_dir, stage, fmt, output, text)
+    target = plan_target(run_dir, stage, fmt, output, text, chosen)
     task = build_task(config.task)
     arrays, names, keyed = split_inputs(data, task)
     measure = config.measure

@@ -3,11 +3,9 @@ speedups it shows are the ones a deployment in ONNX Runtime gets."""
 
 from __future__ import annotations
 
-import statistics
 import tempfile
-import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from torch import nn
 
@@ -32,19 +30,9 @@ def feed(example: Any) -> dict[str, Any]:
     return {name: tensor.detach().cpu().numpy() for name, tensor in zip(input_names(example)[0], positional(example))}
 
 
-def time_session(run: Any, inputs: dict[str, Any], warmup: int, repeats: int) -> float:
-    """Median milliseconds of `repeats` calls of `run(inputs)` after `warmup`."""
-    timings = []
-    for index in range(warmup + repeats):
-        start = time.perf_counter()
-        run(inputs)
-        if index >= warmup:
-            timings.append((time.perf_counter() - start) * 1000.0)
-    return statistics.median(timings)
-
-
-def onnxruntime_latency(model: nn.Module, example: Any, warmup: int, repeats: int, threads: int | None, cuda: bool, where: str) -> tuple[float, str]:
-    """(median ms per forward of `example` in ONNX Runtime, provider) for `model` exported to ONNX.
+def onnxruntime_runner(model: nn.Module, example: Any, path: Path, threads: int | None, cuda: bool, where: str) -> Callable[[], Any]:
+    """Export `model` to `path` and return one ONNX Runtime forward of `example` (its
+    `runtime` attribute names the provider).
 
     Raises:
         ConfigError: the model has no ONNX graph (names the reason).
@@ -56,9 +44,21 @@ def onnxruntime_latency(model: nn.Module, example: Any, warmup: int, repeats: in
     reason = FORMATS["onnx"].refusal(model)
     if reason:
         raise ConfigError(f"{where}: measure.runtime = 'onnxruntime' needs an ONNX graph, and this model has none: {reason} (allowed: measure.runtime=torch)")
+    FORMATS["onnx"].write(model, example, path)
+    loaded, inputs = session(path, threads, cuda), feed(example)
+
+    def run() -> Any:
+        return loaded.run(["logits"], inputs)
+
+    run.runtime = f"onnxruntime {ort.__version__} {loaded.get_providers()[0]}"  # type: ignore[attr-defined]
+    return run
+
+
+def onnxruntime_latency(model: nn.Module, example: Any, warmup: int, repeats: int, threads: int | None, cuda: bool, where: str) -> tuple[float, str]:
+    """(median ms per forward of `example` in ONNX Runtime, provider) for `model` exported to ONNX."""
+    from effitrain.retime import interleaved
+
     with tempfile.TemporaryDirectory() as scratch:
-        path = Path(scratch) / "model.onnx"
-        FORMATS["onnx"].write(model, example, path)
-        loaded = session(path, threads, cuda)
-        milliseconds = time_session(lambda inputs: loaded.run(["logits"], inputs), feed(example), warmup, repeats)
-    return milliseconds, f"onnxruntime {ort.__version__} {loaded.get_providers()[0]}"
+        run = onnxruntime_runner(model, example, Path(scratch) / "model.onnx", threads, cuda, where)
+        milliseconds = interleaved({"model": run}, 1, repeats, warmup)["model"]
+    return milliseconds, run.runtime  # type: ignore[attr-defined]

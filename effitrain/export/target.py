@@ -50,7 +50,7 @@ def parse_target(text: str) -> tuple[Path, Optional[str]]:
     return Path(text), None
 
 
-def plan_target(run_dir: Path, stage: str, fmt: str, output: Optional[Path], text: bool) -> Target:
+def plan_target(run_dir: Path, stage: str, fmt: str, output: Optional[Path], text: bool, chosen: bool = True) -> Target:
     """The paths an export writes, refused when any exists (effitrain never overwrites).
 
     A folder format (hf) or an output without a suffix is a folder holding the model file,
@@ -73,7 +73,8 @@ def plan_target(run_dir: Path, stage: str, fmt: str, output: Optional[Path], tex
             if path.exists():
                 raise ConfigError(f"-o {output}: {path} already exists; effitrain never overwrites (allowed: a new path)")
     elif output.suffix:
-        raise ConfigError(f"-o {output}: --format {fmt} writes {'*' + suffix + ' or a folder' if suffix else 'a folder'} (allowed: "
+        named = f"--format {fmt}" if chosen else f"{fmt} (the default format for this model)"
+        raise ConfigError(f"-o {output}: {named} writes {'*' + suffix + ' or a folder' if suffix else 'a folder'} (allowed: "
                           f"{'a path ending in ' + suffix + ', or ' if suffix else ''}a new or empty folder)")
     else:
         if output.exists() and not (output.is_dir() and not any(output.iterdir())):

@@ -1,0 +1,92 @@
+"""The ledger's final latencies, timed side by side.
+
+Each stage is timed right after it runs, minutes apart from the others; on a shared machine other
+load moves one row by 2x and the "faster x" column with it. At the end of a run every stage's
+saved model is reloaded and timed again in one process, interleaved: several rounds, every model
+once per round, the median of each model's round medians. Those figures become `latency_ms`
+(what "faster x" divides); the figure taken during the run stays as `latency_ms_during_run`.
+"""
+
+from __future__ import annotations
+
+import statistics
+import tempfile
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+from torch import nn
+
+from effitrain.batch import forward, move
+from effitrain.precision import PrecisionPolicy
+
+
+def interleaved(runners: dict[str, Callable[[], Any]], rounds: int, passes: int, warmup: int, sync: Callable[[], None] = lambda: None) -> dict[str, float]:
+    """Median over `rounds` of each runner's median ms over `passes` calls; every runner once per round.
+
+    Args:
+        warmup: untimed calls of each runner before the first round.
+    """
+    for run in runners.values():
+        for _ in range(warmup):
+            run()
+    rounds_ms: dict[str, list[float]] = {name: [] for name in runners}
+    for _ in range(rounds):
+        for name, run in runners.items():
+            samples = []
+            for _ in range(passes):
+                sync()
+                started = time.perf_counter()
+                run()
+                sync()
+                samples.append((time.perf_counter() - started) * 1000.0)
+            rounds_ms[name].append(statistics.median(samples))
+    return {name: statistics.median(values) for name, values in rounds_ms.items()}
+
+
+def torch_runner(model: nn.Module, inputs: Any, precision: PrecisionPolicy) -> Callable[[], Any]:
+    """One forward pass of `model` on `inputs` in eval mode, no grad, under the run's autocast."""
+    model.eval()
+    inputs = move(inputs, precision.device)
+
+    def run() -> Any:
+        with torch.no_grad(), precision.autocast():
+            return forward(model, inputs)
+
+    return run
+
+
+def retime(models: dict[str, nn.Module], example: Any, precision: PrecisionPolicy, measure: Any) -> dict[str, float]:
+    """Interleaved latencies (ms) of `models` on `example`, in the configured runtime.
+
+    Args:
+        measure: the `measure` config (warmup, repeats split over `rounds`, threads, runtime).
+    """
+    passes = max(3, measure.repeats // measure.rounds)
+    previous_threads = torch.get_num_threads()
+    if measure.threads is not None:
+        torch.set_num_threads(measure.threads)
+    try:
+        with tempfile.TemporaryDirectory() as scratch:
+            if measure.runtime == "onnxruntime":
+                from effitrain.export.ort import onnxruntime_runner
+
+                runners = {name: onnxruntime_runner(model, example, Path(scratch) / f"{index}.onnx", measure.threads,
+                                                    precision.device.type == "cuda", f"stage.{name}")
+                           for index, (name, model) in enumerate(models.items())}
+            else:
+                runners = {name: torch_runner(model, example, precision) for name, model in models.items()}
+            sync = torch.cuda.synchronize if precision.device.type == "cuda" else (lambda: None)
+            return interleaved(runners, measure.rounds, passes, measure.warmup, sync)
+    finally:
+        torch.set_num_threads(previous_threads)
+
+
+def apply(rows: list[dict[str, Any]], latencies: dict[str, float]) -> None:
+    """Put the side-by-side figures in the ledger rows, keeping each stage's own as latency_ms_during_run."""
+    for row in rows:
+        if row["name"] in latencies:
+            metrics = row["metrics"]
+            metrics.setdefault("latency_ms_during_run", metrics["latency_ms"])
+            metrics["latency_ms"] = latencies[row["name"]]
