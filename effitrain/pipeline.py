@@ -267,7 +267,7 @@ def run(cfg: DictConfig, run_dir: Path, recipe: str) -> float | tuple[float, ...
                 raise ConfigError(f"stage.{name}: {type(stage).__name__}.run returned {type(result).__name__} "
                                   "(allowed: effitrain.stages.StageResult(model, metrics))")
             seconds = time.perf_counter() - started
-            stage.save_model(result.model, saved)
+            saved = stage.save_model(result.model, saved) or saved  # a stage may pick the suffix its model needs
             metrics = measure(result.model, task, data.test, data.val, example, precision, saved,
                               warmup=cfg.measure.warmup, repeats=cfg.measure.repeats, threads=cfg.measure.threads)
             if cfg.measure.runtime == "onnxruntime":  # the latency a deployment in ONNX Runtime gets; torch's kept beside it

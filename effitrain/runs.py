@@ -88,6 +88,8 @@ def replay(stages: dict[str, Stage], model: nn.Module, ctx: Context, run_dir: Pa
     """
     for index, (name, stage) in enumerate(stages.items()):
         saved = model_file(run_dir, index, name, stage)
+        if name in completed and not saved.exists():  # saved under the suffix its model needed (e.g. auto chose x86_static)
+            saved = next(iter(sorted(path for path in saved.parent.glob(f"{index:02d}_{name}.*") if path.is_file())), saved)
         ctx.stage_name, ctx.stage_position = name, f"{index + 1}/{len(stages)}"
         prepared = stage.prepare(model, ctx)
         if name in completed:

@@ -154,3 +154,46 @@ def test_a_backend_missing_on_the_device_names_the_available_ones() -> None:
     layers = select_layers(model, [], "stage.q.skip", QUANTIZABLE, "quantize")
     with pytest.raises(ConfigError, match=r"stage.q.backend = 'x86_dynamic' is not available on cuda at 8 bits \(available: weight_only\)"):
         backends.plan("x86_dynamic", model, layers, torch.device("cuda"), QuantSpec(8, "symmetric", True), "stage.q")
+
+
+def test_auto_keeps_the_fastest_candidate_within_max_drop() -> None:
+    from effitrain.quant.choose import Trial, choose, describe
+
+    trials = [Trial("fp32", [], 0.980, 0.32, 116_000), Trial("x86_dynamic+weight_only", [], 0.978, 0.47, 33_000),
+              Trial("weight_only", [], 0.975, 0.31, 33_000), Trial("x86_static", [], 0.940, 0.20, 42_000)]
+    winner, reason = choose(trials, "max", 0.01, "latency")
+    assert winner.name == "weight_only"  # x86_static is faster but lost 4 points
+    assert reason == "fastest within 0.01 of fp32's validation metric; x86_static lost more"
+    assert describe(trials, winner, reason, "latency").startswith("auto: fp32 0.320 ms, x86_dynamic+weight_only 0.470 ms, weight_only 0.310 ms")
+    # within 5% of the fastest is a tie (timing noise): the smaller file wins it
+    tie = [Trial("fp32", [], 0.98, 0.300, 116_000), Trial("x86_dynamic", [], 0.98, 0.200, 60_000), Trial("mix", [], 0.98, 0.209, 20_000)]
+    winner, reason = choose(tie, "max", 0.01, "latency")
+    assert winner.name == "mix" and reason.endswith("smallest of those within 5% of the fastest")
+    # nothing quantized is faster: the model stays fp32 rather than getting slower
+    slower = [Trial("fp32", [], 0.98, 0.30, 116_000), Trial("weight_only", [], 0.98, 0.90, 33_000)]
+    assert choose(slower, "max", 0.01, "latency")[0].name == "fp32"
+    # size as the goal: the smallest within the bound, with the latency it costs said
+    winner, reason = choose(slower, "max", 0.01, "size")
+    assert winner.name == "weight_only" and "costs 3.00x fp32's latency" in reason
+    # a lower-is-better metric (loss): a rise counts as the drop; a diverged candidate (NaN) never wins
+    losses = [Trial("fp32", [], 0.50, 1.0, 10), Trial("a", [], 0.505, 0.5, 10), Trial("b", [], 0.60, 0.1, 10), Trial("c", [], float("nan"), 0.01, 1)]
+    assert choose(losses, "min", 0.01, "latency")[0].name == "a"
+    assert choose(losses, "min", 0.01, "size")[0].name == "a"
+
+
+def test_auto_choice_is_rebuilt_on_reload(workdir) -> None:
+    from effitrain.runs import load_run_model
+
+    result = run_cli("run", "recipe=quantize_digits", "trainer.max_epochs=3", "stage.qat_int4.trainer.max_epochs=1", "measure.repeats=10",
+                     "measure.warmup=1", "report=false", "hydra.run.dir=run", cwd=workdir, timeout=400)
+    assert result.returncode == 0, result.stderr[-3000:]
+    rows = {row["name"]: row["metrics"] for row in read_summary(workdir / "run")["stages"]}
+    for stage in ("ptq_int8", "ptq_int4"):
+        names = [trial["name"] for trial in rows[stage]["auto_trials"]]
+        assert names[0] == "fp32" and rows[stage]["auto_choice"] in names and rows[stage]["backend"].startswith("auto: fp32 ")
+    assert rows["ptq_int4"]["auto_choice"] == "weight_only" and rows["ptq_int4"]["size_bytes"] < rows["fp32"]["size_bytes"] / 4
+    saved = json.loads((workdir / "run" / "predictions" / "ptq_int8.json").read_text())
+    model, data = load_run_model(workdir / "run", "ptq_int8")
+    with torch.no_grad():
+        predicted = [int(p) for inputs, _ in data.test for p in model(inputs).argmax(-1)]
+    assert predicted == saved["predictions"]  # the chosen structure, whichever it was, reloads exactly

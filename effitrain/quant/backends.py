@@ -96,6 +96,10 @@ class Backend:
         produces that holds its tensors outside `parameters()` and has no `weight_counts()`."""
         return None
 
+    def owns(self, model: nn.Module) -> bool:
+        """Whether `model` is this whole-model backend's product (saved in its format)."""
+        return False
+
 
 BACKENDS: dict[str, Backend] = {}
 
@@ -185,12 +189,25 @@ def convert(model: nn.Module, steps: list[tuple[Backend, list[str]]], spec: Quan
     return model
 
 
-def save(choice: str, model: nn.Module, path: Path) -> None:
-    """Save a model quantized with the configured backend (`auto` mixes layer backends: one safetensors file)."""
-    (Backend() if choice == AUTO else get(choice)).save(model, path)
+def save(choice: str, model: nn.Module, path: Path) -> Path:
+    """Save a model quantized with the configured backend; return the file written.
+
+    `auto` writes one safetensors file for layer backends (or fp32), and the whole-model
+    backend's own format (its suffix) when it chose one.
+    """
+    if choice == AUTO:
+        _load_builtin()
+        owner = next((backend for backend in BACKENDS.values() if backend.whole_model and backend.owns(model)), None)
+        if owner is not None:
+            path = path.with_suffix(owner.suffix)
+        (owner or Backend()).save(model, path)
+        return path
+    get(choice).save(model, path)
+    return path
 
 
 def load(model: nn.Module, steps: list[tuple[Backend, list[str]]], spec: QuantSpec, calibration: Calibration | None, path: Path) -> nn.Module:
+    """Rebuild the structure `steps` converts (none: the float model) and load the saved file."""
     if len(steps) == 1:
         return steps[0][0].load(model, steps[0][1], spec, calibration, path)
     for backend, layers in steps:  # layer backends: rebuild every structure, then one file

@@ -175,6 +175,10 @@ class X86Static(Backend):
             quantized.load_state_dict(torch.load(path, weights_only=True))
         return quantized
 
+    def owns(self, model: nn.Module) -> bool:
+        return isinstance(model, torch.fx.GraphModule) and any(
+            type(module).__module__.startswith("torch.ao.nn.quantized") for module in model.modules())
+
     def foreign_counts(self, module: nn.Module) -> tuple[int, int, int, int] | None:
         """torch.ao's int8 modules hold weight and bias as packed params, outside `parameters()`."""
         if not type(module).__module__.startswith("torch.ao.nn.") or isinstance(module, nn.Embedding):

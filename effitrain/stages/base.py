@@ -128,9 +128,11 @@ class Stage:
         """File suffix of the saved model (a stage saving another format overrides it)."""
         return ".safetensors"
 
-    def save_model(self, model: nn.Module, path: Path) -> None:
-        """Save the stage's resulting model (its size is the ledger's size_bytes)."""
+    def save_model(self, model: nn.Module, path: Path) -> Path:
+        """Save the stage's resulting model (its size is the ledger's size_bytes); return the
+        file written (`path`, or the same name with another suffix when the model needs it)."""
         save_weights(model, path)
+        return path
 
     def load_model(self, prepared: Prepared, path: Path) -> nn.Module:
         """Rebuild what `save_model` wrote, starting from `prepare`'s result (a completed stage)."""

@@ -5,16 +5,22 @@ row's `backend` says what converted which layers."""
 
 from __future__ import annotations
 
+import copy
+import json
+import logging
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, List, Optional
+from typing import Any, Callable, List, Optional
+
+import torch
 
 from omegaconf import MISSING
 from torch import nn
 
 from effitrain.errors import ConfigError, not_allowed, require, require_choice
 from effitrain.layers import replace_layers, select_layers
-from effitrain.quant import backends
+from effitrain.quant import backends, choose
 from effitrain.quant.affine import SCHEMES, check_bits
 from effitrain.quant.backends import QUANTIZABLE, Calibration, QuantSpec
 from effitrain.quant.qat import FakeQuant, unwrap_fake_quant
@@ -22,15 +28,28 @@ from effitrain.quant.x86 import OBSERVERS
 from effitrain.stages.base import Context, FromSource, Prepared, StageResult
 from effitrain.stages.train import TrainingStage, make_trainer
 
+log = logging.getLogger("effitrain")
+
 GRANULARITIES = ("per_channel", "per_tensor")
 FAKE_QUANTIZABLE = (nn.Linear, nn.Conv1d, nn.Conv2d)
 
 
 @dataclass
 class PreparedQuant(Prepared):
-    """The float model and example inputs (traced by whole-model backends)."""
+    """The float model, example inputs (traced by whole-model backends) and, for a completed
+    `auto` stage, the candidate it chose (read from the run's ledger, so a reload rebuilds it)."""
 
     example: Any
+    choice: Optional[str] = None
+
+
+def saved_choice(ctx: Context) -> Optional[str]:
+    """The `auto_choice` of this stage's row in the run's ledger, when it completed with one."""
+    path = ctx.run_dir / "summary.json"
+    if not path.is_file():
+        return None
+    rows = json.loads(path.read_text()).get("stages", [])
+    return next((row["metrics"].get("auto_choice") for row in rows if row.get("name") == ctx.stage_name), None)
 
 
 @dataclass
@@ -62,7 +81,7 @@ class QuantSettings:
         backends.check(self.backend, self.spec(), "backend")
 
     def prepare(self, model: nn.Module, ctx: Context) -> PreparedQuant:
-        return PreparedQuant(self.starting_model(model, ctx), ctx.example_batch(2))  # type: ignore[attr-defined]
+        return PreparedQuant(self.starting_model(model, ctx), ctx.example_batch(2), saved_choice(ctx))  # type: ignore[attr-defined]
 
     def plan(self, model: nn.Module, device: Any, where: str) -> list:
         """Which backend converts which of the layers not skipped."""
@@ -76,11 +95,19 @@ class QuantSettings:
 
     def load_model(self, prepared: PreparedQuant, path: Path) -> nn.Module:  # type: ignore[override]
         model = prepared.model
-        steps = self.plan(model, next(model.parameters()).device, "resume")
+        device = next(model.parameters()).device
+        if prepared.choice is None:
+            steps = self.plan(model, device, "resume")
+        else:  # what `auto` measured and kept
+            layers = select_layers(model, self.skip, "resume.skip", QUANTIZABLE, "quantize")
+            trials = {trial.name: trial for trial in choose.candidates(model, layers, device, self.spec(), traceable=True)}
+            if prepared.choice not in trials:
+                raise ConfigError(f"resume: this stage's auto choice {prepared.choice!r} does not run here (available: {', '.join(trials)})")
+            steps = trials[prepared.choice].steps
         return backends.load(model, steps, self.spec(), Calibration(prepared.example), path)
 
-    def save_model(self, model: nn.Module, path: Path) -> None:
-        backends.save(self.backend, model, path)
+    def save_model(self, model: nn.Module, path: Path) -> Path:
+        return backends.save(self.backend, model, path)
 
     @property
     def model_suffix(self) -> str:
@@ -94,11 +121,16 @@ class Quantize(QuantSettings, FromSource):
     Fields:
         calibration_batches: x86_static: training batches the observers see (>= 1).
         observer: x86_static: activation range observer, minmax | moving_average | histogram.
+        max_drop: auto: the largest loss of the validation headline metric a candidate may have
+            against the unquantized model.
+        prefer: auto: latency (keep the fastest candidate within max_drop) | size (the smallest).
     """
 
     kind = "quantize"
     calibration_batches: int = MISSING
     observer: str = MISSING
+    max_drop: float = 0.01  # defaults here as in conf/stage/quantize.yaml, for run folders made before these fields
+    prefer: str = "latency"
 
     def spec(self) -> QuantSpec:
         return QuantSpec(self.bits, self.scheme, self.granularity == "per_channel", self.observer, self.calibration_batches)
@@ -106,6 +138,8 @@ class Quantize(QuantSettings, FromSource):
     def __post_init__(self) -> None:
         self.check_quant()
         require_choice("observer", self.observer, OBSERVERS)
+        require(isinstance(self.max_drop, (int, float)) and self.max_drop >= 0, "max_drop", self.max_drop, "a number >= 0 (in the task's headline metric)")
+        require_choice("prefer", self.prefer, choose.PREFERENCES)
         if self.backend != backends.AUTO and backends.get(self.backend).calibrated:
             require(self.calibration_batches >= 1, "calibration_batches", self.calibration_batches, "an integer >= 1: observers need data")
 
@@ -117,8 +151,37 @@ class Quantize(QuantSettings, FromSource):
             for batch in ctx.data.train:
                 yield ctx.task.split(batch)[0]
 
+        if self.backend == backends.AUTO:
+            return self.measured(name, prepared, ctx, calibration_inputs)
         model, description = self.quantize(prepared.model, ctx.device, prepared.example, calibration_inputs(), where)
         return StageResult(model, {"backend": description})
+
+    def measured(self, name: str, prepared: PreparedQuant, ctx: Context, calibration_inputs: Callable[[], Any]) -> StageResult:
+        """`auto`: convert a copy per candidate (fp32 included), measure validation metric, file
+        size and latency (side by side, in the run's runtime), keep what `choose` picks."""
+        from effitrain import retime
+
+        model, spec, headline = prepared.model, self.spec(), ctx.task.headline
+        layers = select_layers(model, self.skip, f"stage.{name}.skip", QUANTIZABLE, "quantize")
+        trials, converted = choose.candidates(model, layers, ctx.device, spec, traceable=True), {}
+        with tempfile.TemporaryDirectory() as scratch, torch.random.fork_rng(devices=[]):
+            for trial in list(trials):
+                try:
+                    candidate = backends.convert(copy.deepcopy(model), trial.steps, spec, Calibration(prepared.example, calibration_inputs()))
+                except ConfigError as error:  # a whole-model backend that cannot trace this model
+                    log.info("[%s] auto: %s left out (%s)", name, trial.name, error)
+                    trials.remove(trial)
+                    continue
+                trial.metric = ctx.task.evaluate(candidate, ctx.data.val, ctx.precision)[headline]
+                trial.size_bytes = backends.save(backends.AUTO, candidate, Path(scratch) / f"{trial.name}.safetensors").stat().st_size
+                converted[trial.name] = candidate
+        latencies = retime.retime(converted, ctx.example_batch(ctx.cfg.measure.batch_size), ctx.precision, ctx.cfg.measure)
+        for trial in trials:
+            trial.latency_ms = latencies[trial.name]
+        winner, reason = choose.choose(trials, ctx.task.metrics[headline], self.max_drop, self.prefer)
+        description = choose.describe(trials, winner, reason, self.prefer)
+        log.info("[%s] %s", name, description)
+        return StageResult(converted[winner.name], {"backend": description, "auto_choice": winner.name, "auto_trials": choose.summary(trials)})
 
 
 @dataclass
