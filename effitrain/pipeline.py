@@ -214,14 +214,14 @@ def _write_report(run_dir: Path) -> None:
         log.warning("report.html not written (%s: %s); `effitrain report %s` retries", type(error).__name__, error, run_dir)
 
 
-def final_retime(plan: RunPlan, run_dir: Path, ledger: Ledger, example: Any) -> None:
-    """Re-time every completed stage's saved model side by side, rebuilt from the run folder as a
+def final_retime(plan: RunPlan, data: Any, run_dir: Path, ledger: Ledger, example: Any) -> None:
+    """Re-time every completed stage's saved model side by side, rebuilt from its saved file as a
     fresh process would (see effitrain.retime), and put the figures in the ledger; each stage's
     own timing stays as latency_ms_during_run."""
     from effitrain import retime
-    from effitrain.runs import load_run_models
+    from effitrain.runs import rebuild_models
 
-    models, _, _ = load_run_models(run_dir, [row["name"] for row in ledger.data["stages"]])
+    models = rebuild_models(plan, data, run_dir, [row["name"] for row in ledger.data["stages"]])
     latencies = retime.retime(models, example, plan.precision, plan.cfg.measure)
     retime.apply(ledger.data["stages"], latencies)
     ledger.write()
@@ -284,9 +284,12 @@ def run(cfg: DictConfig, run_dir: Path, recipe: str) -> float | tuple[float, ...
                      metrics["params"], metrics["latency_ms"])
             return result.model
 
+        executed = set(plan.stages) - ledger.completed
         replay(plan.stages, model, ctx, run_dir, ledger.completed, execute)
-        if cfg.measure.final_retime and len(ledger.data["stages"]) > 1:
-            final_retime(plan, run_dir, ledger, example)
+        rows = ledger.data["stages"]
+        # after any stage ran here, or for rows never re-timed; a resume of a finished ledger re-measures nothing
+        if cfg.measure.final_retime and len(rows) > 1 and (executed or any("latency_ms_during_run" not in row["metrics"] for row in rows)):
+            final_retime(plan, data, run_dir, ledger, example)
     except EffitrainError as error:
         ledger.finish("failed", str(error))
         raise

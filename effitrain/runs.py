@@ -107,33 +107,20 @@ def replay(stages: dict[str, Stage], model: nn.Module, ctx: Context, run_dir: Pa
     return model
 
 
-def load_run_models(run_dir: Path, stages: Optional[list[str]] = None) -> tuple[dict[str, nn.Module], Any, Any]:
-    """Rebuild the models completed stages of a run saved, in any process (e.g. a fresh one), in
-    one replay of the run's stages (the way a resumed run replays completed ones). Nothing in the
-    run folder is written.
+def rebuild_models(plan: Any, data: Any, run_dir: Path, names: list[str]) -> dict[str, nn.Module]:
+    """The models the named completed stages saved, rebuilt in one replay of the plan's stages
+    (the way a resumed run replays completed ones); nothing in the run folder is written.
 
     Args:
-        run_dir: an effitrain run folder.
-        stages: the stages whose models to return (default: the last completed one).
-
-    Returns:
-        ({stage: model in eval mode}, the run's DataBundle, the run's RunPlan).
-
-    Raises:
-        ConfigError: not a run folder, or no such completed stage.
+        plan: the run's RunPlan (config, task, stages, precision).
+        data: the run's DataBundle.
+        names: completed stages, any order.
     """
-    from omegaconf import OmegaConf
-
-    from effitrain.config.compose import register_resolvers
-    from effitrain.pipeline import build_data, make_plan, seed_everything
+    from effitrain.pipeline import seed_everything
     from effitrain.runlog import RunLogger
     from effitrain.stages.base import build_model
 
-    names = [completed_stage(run_dir, stage) for stage in (stages or [None])]  # type: ignore[list-item]
-    register_resolvers()
-    plan = make_plan(OmegaConf.load(run_dir / ".hydra" / "config.yaml"))
     seed_everything(plan.cfg.seed)
-    data = build_data(plan.cfg)
     order = list(plan.stages)
     last = max(names, key=order.index)
     models: dict[str, nn.Module] = {}
@@ -151,7 +138,34 @@ def load_run_models(run_dir: Path, stages: Optional[list[str]] = None) -> tuple[
             replay(plan.stages, model, ctx, run_dir, set(plan.stages), None, upto=last, keep=keep)
         finally:
             logger.close()
-    return {name: models[name].eval() for name in names}, data, plan
+    return {name: models[name].eval() for name in names}
+
+
+def load_run_models(run_dir: Path, stages: Optional[list[str]] = None) -> tuple[dict[str, nn.Module], Any, Any]:
+    """Rebuild the models completed stages of a run saved, in any process (e.g. a fresh one),
+    from the run folder alone (see `rebuild_models`).
+
+    Args:
+        run_dir: an effitrain run folder.
+        stages: the stages whose models to return (default: the last completed one).
+
+    Returns:
+        ({stage: model in eval mode}, the run's DataBundle, the run's RunPlan).
+
+    Raises:
+        ConfigError: not a run folder, or no such completed stage.
+    """
+    from omegaconf import OmegaConf
+
+    from effitrain.config.compose import register_resolvers
+    from effitrain.pipeline import build_data, make_plan, seed_everything
+
+    names = [completed_stage(run_dir, stage) for stage in (stages or [None])]  # type: ignore[list-item]
+    register_resolvers()
+    plan = make_plan(OmegaConf.load(run_dir / ".hydra" / "config.yaml"))
+    seed_everything(plan.cfg.seed)
+    data = build_data(plan.cfg)
+    return rebuild_models(plan, data, run_dir, names), data, plan
 
 
 def load_run_model(run_dir: Path, stage: Optional[str] = None) -> tuple[nn.Module, Any]:

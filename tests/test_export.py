@@ -29,6 +29,7 @@ def runs(tmp_path_factory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("export_runs")
     # trained enough to have few near-ties: a model that predicts one class everywhere would agree with anything
     quick = run_cli("run", "recipe=quickstart", "trainer.max_epochs=8", "stage.student.trainer.max_epochs=10", "stage.prune.trainer.max_epochs=3",
+                    "stage.int8.backend=x86_dynamic", "+stage@stage.wo8=quantize", "stage.wo8.source=prune", "stage.wo8.backend=weight_only",
                     *FAST, "hydra.run.dir=quick", cwd=root, timeout=400)
     assert quick.returncode == 0, quick.stderr[-3000:]
     compress = run_cli("run", "recipe=compress_digits", "trainer.max_epochs=10", "stage.lowrank.trainer.max_epochs=1", "stage.cluster4.trainer.max_epochs=1",
@@ -63,10 +64,13 @@ LOAD = {
 }
 
 
-def load_fresh(fmt: str, path: Path, inputs: np.ndarray, tmp_path: Path) -> list[int]:
-    np.save(tmp_path / "x.npy", inputs)
-    code = (f"import sys, json, numpy as np; path = {str(path)!r}; x = np.load({str(tmp_path / 'x.npy')!r}); {LOAD[fmt]}; "
-            "print(json.dumps([logits.argmax(-1).tolist(), any(m.startswith('effitrain') for m in sys.modules)]))")
+def load_fresh(fmt: str, path: Path, inputs: np.ndarray, batch_size: int, tmp_path: Path) -> list[int]:
+    """Predictions in batches of `batch_size`, as the run's test loader made them (dynamic int8 quantizes per batch)."""
+    np.save(tmp_path / "all.npy", inputs)
+    code = (f"import sys, json, numpy as np; path = {str(path)!r}; rows = np.load({str(tmp_path / 'all.npy')!r}); predictions = []\n"
+            f"for start in range(0, len(rows), {batch_size}):\n"
+            f"    x = rows[start:start + {batch_size}]; {LOAD[fmt]}; predictions += logits.argmax(-1).tolist()\n"
+            "print(json.dumps([predictions, any(m.startswith('effitrain') for m in sys.modules)]))")
     done = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]
     predictions, imported = json.loads(done.stdout.strip().splitlines()[-1])
@@ -94,7 +98,7 @@ def test_stage_exports_load_without_effitrain_with_the_ledgers_predictions(runs,
     assert record["bytes"] == artifact.stat().st_size and record["latency_ms"] > 0
     ledger = {row["name"]: row["metrics"] for row in read_summary(runs[run])["stages"]}[stage]
     assert record["test_accuracy"] == pytest.approx(ledger["accuracy"], abs=2 / record["examples"])
-    loaded = load_fresh(fmt, artifact, held_out_inputs(runs[run]), tmp_path)
+    loaded = load_fresh(fmt, artifact, held_out_inputs(runs[run]), record["batch_size"], tmp_path)
     agreement = np.mean(np.array(loaded) == np.array(saved_predictions(runs[run], stage)))
     assert agreement >= 0.999 and agreement == pytest.approx(record["agreement"])
 
@@ -103,10 +107,13 @@ def test_onnx_keeps_the_stages_integers(runs, tmp_path) -> None:
     import onnx
     from onnx import TensorProto
 
-    _, record = export_run(f"{runs['quick']}:int8", "onnx", tmp_path / "int8.onnx", 0.99)
+    export_run(f"{runs['quick']}:int8", "onnx", tmp_path / "int8.onnx", 0.99)
     graph = onnx.load(str(tmp_path / "int8.onnx")).graph
-    ops = {node.op_type for node in graph.node}
-    assert {"MatMulInteger", "QuantizeLinear", "DequantizeLinear"} <= ops  # x86 dynamic Linear + int8 weight-only convs
+    assert {"MatMulInteger", "QuantizeLinear"} <= {node.op_type for node in graph.node}  # x86 dynamic int8 Linear layers
+    assert sum(init.data_type == TensorProto.INT8 for init in graph.initializer) == 2  # the two Linear weights
+    export_run(f"{runs['quick']}:wo8", "onnx", tmp_path / "wo8.onnx", 0.999)
+    graph = onnx.load(str(tmp_path / "wo8.onnx")).graph
+    assert "DequantizeLinear" in {node.op_type for node in graph.node}
     types = {init.name: init.data_type for init in graph.initializer}
     assert sum(t == TensorProto.INT8 for t in types.values()) >= 4
     assert not any(t == TensorProto.FLOAT and "weight" in name and "features.1" not in name and "features.5" not in name
@@ -154,7 +161,7 @@ def test_bad_input_one_line_exit_2_nothing_written(runs, tmp_path) -> None:
     (tmp_path / "busy" / "keep.txt").write_text("mine")
     cases = [
         ([str(tmp_path)], "not an effitrain run folder"),
-        ([f"{quick}:nope"], "no completed stage 'nope' (allowed: teacher, student, prune, int8, evaluate)"),
+        ([f"{quick}:nope"], "no completed stage 'nope' (allowed: teacher, student, prune, int8, evaluate, wo8)"),
         ([str(quick), "--format", "tflite"], "--format = 'tflite' is not allowed (allowed: onnx, torchscript, hf, safetensors)"),
         ([f"{quick}:int8", "--format", "onnx", "-o", str(tmp_path / "busy")], "already holds files"),
         ([f"{quick}:int8", "--format", "onnx", "-o", str(tmp_path / "model.pt")], "writes *.onnx or a folder"),
@@ -183,12 +190,12 @@ def test_default_export_goes_to_the_run_folder_and_never_overwrites(runs, tmp_pa
     shutil.copytree(runs["quick"], run_dir)
     first = run_cli("export", str(run_dir), cwd=tmp_path, timeout=300)
     assert first.returncode == 0, first.stderr[-2000:]
-    assert "evaluate.onnx: onnx of stage evaluate" in first.stdout
-    assert (run_dir / "artifacts" / "evaluate.onnx").is_file() and (run_dir / "artifacts" / "evaluate.export.json").is_file()
-    before = (run_dir / "artifacts" / "evaluate.onnx").read_bytes()
+    assert "wo8.onnx: onnx of stage wo8" in first.stdout
+    assert (run_dir / "artifacts" / "wo8.onnx").is_file() and (run_dir / "artifacts" / "wo8.export.json").is_file()
+    before = (run_dir / "artifacts" / "wo8.onnx").read_bytes()
     again = run_cli("export", str(run_dir), cwd=tmp_path, timeout=300)
     assert again.returncode == 2 and "already exists; effitrain never overwrites" in again.stderr
-    assert (run_dir / "artifacts" / "evaluate.onnx").read_bytes() == before
+    assert (run_dir / "artifacts" / "wo8.onnx").read_bytes() == before
 
 
 def test_missing_runtime_is_refused_before_any_work(monkeypatch, runs, tmp_path) -> None:

@@ -116,6 +116,7 @@ def check_parity(model: Any, fmt: str, staged: Target, arrays: dict[str, Any], n
         "agreement": sum(p == q for p, q in zip(predicted, saved["predictions"])) / len(predicted),
         "latency_ms": result["latency_ms"],
         "latency_batch": result["latency_batch"],
+        "batch_size": spec["batch_size"],  # predictions were made in test batches of this size (dynamic int8 quantizes per batch)
         "runtime": result["runtime"],
         "effitrain_imported": result["effitrain_imported"],
         **({"tensors_identical": result["tensors_identical"]} if "tensors_identical" in result else {}),
