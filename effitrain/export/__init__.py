@@ -16,24 +16,22 @@ from pathlib import Path
 from typing import Any, Optional
 
 from effitrain.errors import ConfigError, require, require_choice
+from effitrain.export.formats import FORMATS, default_format
 from effitrain.export.parity import check_parity, example_rows, split_inputs
 from effitrain.export.target import make_readable, parse_target, plan_target
 
-FORMAT_NAMES = ("onnx", "torchscript", "hf", "safetensors")
-RUNTIME_PACKAGES = {"onnx": ("onnxruntime", "onnx", "onnxscript"), "torchscript": (), "hf": ("transformers",), "safetensors": ("safetensors",)}
+FORMAT_NAMES = tuple(FORMATS)
 
 
 def check_runtime(fmt: str) -> None:
     """Refuse a format whose runtime packages are not installed."""
-    missing = [name for name in RUNTIME_PACKAGES[fmt] if importlib.util.find_spec(name) is None]
+    missing = [name for name in FORMATS[fmt].packages if importlib.util.find_spec(name) is None]
     if missing:
         raise ConfigError(f"--format {fmt} needs {', '.join(missing)}, which is not installed (pip install -e \".[deploy]\")")
 
 
 def refuse_unfit(model: Any, fmt: str, where: str) -> None:
     """One line naming why `model` cannot take `fmt` and the formats it can."""
-    from effitrain.export.formats import FORMATS
-
     reason = FORMATS[fmt].refusal(model)
     if reason:
         fits = [name for name in FORMAT_NAMES if FORMATS[name].refusal(model) is None]
@@ -71,7 +69,6 @@ def export_run(target_text: str, fmt: Optional[str], output: Optional[Path], min
     if fmt is not None:
         check_runtime(fmt)
         plan_target(run_dir, stage, fmt, output, text)
-    from effitrain.export.formats import FORMATS, default_format
     from effitrain.pipeline import build_task
     from effitrain.runs import load_run_model
 
@@ -86,13 +83,14 @@ def export_run(target_text: str, fmt: Optional[str], output: Optional[Path], min
     arrays, names, keyed = split_inputs(data, task)
     measure = config.measure
     tokenizer = None
-    if text and FORMATS[fmt].suffix != ".safetensors":
+    if text and fmt != "safetensors":  # plain weights are for users who rebuild the module and its inputs themselves
         from effitrain.models.hf import load_tokenizer
 
         tokenizer = load_tokenizer(str(config.data.tokenizer), bool(config.data.get("offline", True)))
     model = model.cpu().eval()
-    (target.folder or target.artifact).parent.mkdir(exist_ok=True)
-    staging = Path(tempfile.mkdtemp(dir=(target.folder or target.artifact).parent, prefix=f".{(target.folder or target.artifact).name}.partial-"))
+    top = target.folder or target.artifact  # what appears in the output folder when it is done
+    top.parent.mkdir(exist_ok=True)
+    staging = Path(tempfile.mkdtemp(dir=top.parent, prefix=f".{top.name}.partial-"))
     try:
         staged = target.staged(staging)
         try:

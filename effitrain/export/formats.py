@@ -9,7 +9,6 @@ and returns the logits.
 from __future__ import annotations
 
 import copy
-import json
 import warnings
 from pathlib import Path
 from typing import Any, ClassVar
@@ -56,12 +55,12 @@ class Format:
     Class attributes:
         name: the `--format` value.
         suffix: the artifact's file suffix ("" for a folder).
-        runtime: the package that loads it without effitrain (checked before exporting).
+        packages: what writing and loading it needs beyond torch (checked before exporting).
     """
 
     name: ClassVar[str] = ""
     suffix: ClassVar[str] = ""
-    runtime: ClassVar[str] = "torch"
+    packages: ClassVar[tuple[str, ...]] = ()
 
     def refusal(self, model: nn.Module) -> str | None:
         """Why this model cannot be written in this format (one clause), or None."""
@@ -77,7 +76,7 @@ class Format:
 
 
 class Onnx(Format):
-    name, suffix, runtime = "onnx", ".onnx", "onnxruntime"
+    name, suffix, packages = "onnx", ".onnx", ("onnxruntime", "onnx", "onnxscript")
 
     def refusal(self, model: nn.Module) -> str | None:
         from effitrain.export.onnx_graph import unexportable
@@ -112,7 +111,7 @@ def _heads(model: nn.Module) -> list[int]:
 
 
 class HuggingFace(Format):
-    name, runtime = "hf", "transformers"
+    name, packages = "hf", ("transformers",)
 
     def refusal(self, model: nn.Module) -> str | None:
         if not is_transformers(model):
@@ -162,7 +161,7 @@ def _shape_mismatch(model: nn.Module, config: Any) -> str | None:
 
 
 class Safetensors(Format):
-    name, suffix, runtime = "safetensors", ".safetensors", "safetensors"
+    name, suffix, packages = "safetensors", ".safetensors", ("safetensors",)
 
     def refusal(self, model: nn.Module) -> str | None:
         for name, tensor in model.state_dict().items():
@@ -183,8 +182,3 @@ FORMATS: dict[str, Format] = {fmt.name: fmt for fmt in (Onnx(), TorchScript(), H
 def default_format(model: nn.Module) -> str:
     """ONNX where the model has an ONNX graph, else TorchScript."""
     return "onnx" if FORMATS["onnx"].refusal(model) is None else "torchscript"
-
-
-def write_config(path: Path, record: dict[str, Any]) -> None:
-    """The rebuild recipe beside plain weights: model config and what the stages changed."""
-    path.write_text(json.dumps(record, indent=2, default=str) + "\n")
