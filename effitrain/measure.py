@@ -7,18 +7,17 @@ and forward latency (median of timed passes after warm-up, fixed batch and threa
 
 from __future__ import annotations
 
-import statistics
-import time
 from pathlib import Path
 from typing import Any, Iterable
 
 import torch
 from torch import nn
 
-from effitrain.batch import batch_size, forward, move
+from effitrain.batch import batch_size
 from effitrain.layers import WEIGHT_LAYERS
 from effitrain.precision import PrecisionPolicy
 from effitrain.quant.backends import foreign_counts
+from effitrain.retime import interleaved, synchronizer, torch_runner, torch_threads
 from effitrain.tasks import Task
 
 
@@ -56,33 +55,17 @@ def sparsity(model: nn.Module) -> float:
     return zeros / total if total else 0.0
 
 
-@torch.no_grad()
 def latency_ms(model: nn.Module, inputs: Any, precision: PrecisionPolicy, warmup: int, repeats: int, threads: int | None) -> float:
     """Median wall time in milliseconds of `repeats` forward passes on `inputs`, after `warmup`.
 
     CPU passes run with `threads` torch threads (restored afterwards); CUDA passes are synchronised.
     """
     was_training = model.training
-    model.eval()
-    inputs = move(inputs, precision.device)
-    previous_threads = torch.get_num_threads()
-    if threads is not None:
-        torch.set_num_threads(threads)
-    sync = torch.cuda.synchronize if precision.device.type == "cuda" else (lambda: None)
-    timings = []
     try:
-        with precision.autocast():
-            for index in range(warmup + repeats):
-                sync()
-                start = time.perf_counter()
-                forward(model, inputs)
-                sync()
-                if index >= warmup:
-                    timings.append((time.perf_counter() - start) * 1000.0)
+        with torch_threads(threads):
+            return interleaved({"model": torch_runner(model, inputs, precision)}, 1, repeats, warmup, synchronizer(precision.device))["model"]
     finally:
-        torch.set_num_threads(previous_threads)
         model.train(was_training)
-    return statistics.median(timings)
 
 
 def measure(

@@ -9,11 +9,12 @@ once per round, the median of each model's round medians. Those figures become `
 
 from __future__ import annotations
 
+import contextlib
 import statistics
 import tempfile
 import time
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import torch
 from torch import nn
@@ -45,6 +46,23 @@ def interleaved(runners: dict[str, Callable[[], Any]], rounds: int, passes: int,
     return {name: statistics.median(values) for name, values in rounds_ms.items()}
 
 
+@contextlib.contextmanager
+def torch_threads(threads: int | None) -> Iterator[None]:
+    """torch's CPU threads set to `threads` (None: unchanged) inside, restored after."""
+    previous = torch.get_num_threads()
+    if threads is not None:
+        torch.set_num_threads(threads)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)
+
+
+def synchronizer(device: torch.device) -> Callable[[], None]:
+    """What makes a timed pass end when its work does (CUDA runs asynchronously)."""
+    return torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+
+
 def torch_runner(model: nn.Module, inputs: Any, precision: PrecisionPolicy) -> Callable[[], Any]:
     """One forward pass of `model` on `inputs` in eval mode, no grad, under the run's autocast."""
     model.eval()
@@ -64,23 +82,16 @@ def retime(models: dict[str, nn.Module], example: Any, precision: PrecisionPolic
         measure: the `measure` config (warmup, repeats split over `rounds`, threads, runtime).
     """
     passes = max(3, measure.repeats // measure.rounds)
-    previous_threads = torch.get_num_threads()
-    if measure.threads is not None:
-        torch.set_num_threads(measure.threads)
-    try:
-        with tempfile.TemporaryDirectory() as scratch:
-            if measure.runtime == "onnxruntime":
-                from effitrain.export.ort import onnxruntime_runner
+    with torch_threads(measure.threads), tempfile.TemporaryDirectory() as scratch:
+        if measure.runtime == "onnxruntime":
+            from effitrain.export.ort import onnxruntime_runner
 
-                runners = {name: onnxruntime_runner(model, example, Path(scratch) / f"{index}.onnx", measure.threads,
-                                                    precision.device.type == "cuda", f"stage.{name}")
-                           for index, (name, model) in enumerate(models.items())}
-            else:
-                runners = {name: torch_runner(model, example, precision) for name, model in models.items()}
-            sync = torch.cuda.synchronize if precision.device.type == "cuda" else (lambda: None)
-            return interleaved(runners, measure.rounds, passes, measure.warmup, sync)
-    finally:
-        torch.set_num_threads(previous_threads)
+            runners = {name: onnxruntime_runner(model, example, Path(scratch) / f"{index}.onnx", measure.threads,
+                                                precision.device.type == "cuda", f"stage.{name}")
+                       for index, (name, model) in enumerate(models.items())}
+        else:
+            runners = {name: torch_runner(model, example, precision) for name, model in models.items()}
+        return interleaved(runners, measure.rounds, passes, measure.warmup, synchronizer(precision.device))
 
 
 def apply(rows: list[dict[str, Any]], latencies: dict[str, float]) -> None:
