@@ -108,13 +108,19 @@ def ledger_table(summary: dict[str, Any]) -> Any:
 
 
 def notes(metrics: dict[str, Any]) -> str:
-    """Stage-specific figures for the table's last column (teacher accuracy, peers, backend, a
-    missed sparsity target, churn)."""
+    """Stage-specific figures for the table's last column (teacher accuracy, peers, the kept
+    vocabulary, backend, a missed sparsity target, churn)."""
     parts = []
     if metrics.get("teacher_accuracy"):
         parts.append("teacher " + "/".join(f"{value:.3f}" for value in metrics["teacher_accuracy"]))
     if metrics.get("peer_accuracy"):
         parts.append("peers " + "/".join(f"{value:.3f}" for value in metrics["peer_accuracy"]))
+    if metrics.get("vocab_kept"):
+        parts.append(f"vocab {metrics['vocab_kept']:,} of {metrics['vocab_size']:,}")
+    if metrics.get("embedding_rank"):
+        parts.append(f"embeddings rank {metrics['embedding_rank']}")
+    if metrics.get("compile"):
+        parts.append(metrics["compile"].split(";")[0])
     if metrics.get("backend"):
         parts.append(metrics["backend"])
     if gap := sparsity_gap(metrics):

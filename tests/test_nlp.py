@@ -91,6 +91,8 @@ def test_distill_bert_recipe_end_to_end_on_a_tiny_bert(tiny_bert_dir, workdir) -
     rows = {row["name"]: row["metrics"] for row in summary["stages"]}
     assert list(rows) == ["teacher", "student", "int8"]
     assert rows["student"]["params"] < rows["teacher"]["params"]
+    # the recipe trims the student's vocabulary to the training split's tokens
+    assert 1000 < rows["student"]["vocab_kept"] < rows["student"]["vocab_size"] == 30522
     assert rows["student"]["teacher_accuracy"] == [pytest.approx(rows["teacher"]["accuracy"])]
     assert (run_dir / "predictions" / "student.json").is_file()
     # the student as a Hugging Face folder, the int8 stage as ONNX with the tokenizer beside it
@@ -106,6 +108,9 @@ def test_distill_bert_recipe_end_to_end_on_a_tiny_bert(tiny_bert_dir, workdir) -
     assert model(**encoded).logits.shape == (1, 5)
     record = json.loads((workdir / "student_hf" / "export.json").read_text())
     assert record["agreement"] == 1.0 and record["test_accuracy"] == pytest.approx(rows["student"]["accuracy"])
+    # a plain transformers model of the kept rows, and a tokenizer that emits their ids
+    assert record["vocab_kept"] == rows["student"]["vocab_kept"] == model.config.vocab_size == len(tokenizer)
+    assert int(encoded["input_ids"].max()) < model.config.vocab_size
     int8 = run_cli("export", f"{run_dir}:int8", "--format", "onnx", "-o", "int8.onnx", cwd=workdir, timeout=300)
     assert int8.returncode == 0, int8.stderr[-3000:]
     record = json.loads((workdir / "int8.export.json").read_text())

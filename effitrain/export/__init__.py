@@ -100,8 +100,8 @@ def export_run(target_text: str, fmt: Optional[str], output: Optional[Path], min
             first = next((line for line in str(error).splitlines() if line.strip()), "")[:200]
             raise ConfigError(f"{where}: the {fmt} exporter failed ({type(error).__name__}: {first}) (other formats for this model: {', '.join(others)})") from None
         if tokenizer is not None:  # a folder artifact holds it; a file artifact gets it beside
-            tokenizer.save_pretrained(str(staged.tokenizer or staged.artifact))
-        record = check_parity(model, fmt, staged, arrays, names, keyed, saved, measure, data, task)
+            FORMATS[fmt].save_tokenizer(model, tokenizer, staged.tokenizer or staged.artifact)
+        record = check_parity(model, fmt, staged, FORMATS[fmt].parity_inputs(model, arrays), names, keyed, saved, measure, data, task)
         record.update(facts)
         record.update(stage=stage, run=str(run_dir.resolve()), format=fmt, artifact=target.artifact.name, min_agreement=min_agreement)
         if record["agreement"] < min_agreement:

@@ -17,6 +17,7 @@ import torch
 from torch import Tensor, nn
 
 from effitrain.batch import forward
+from effitrain.compress.embeddings import TrimmedEmbedding, trim_tokenizer_file
 
 OPTIONAL = "pip install -e \".[deploy]\""
 
@@ -67,12 +68,20 @@ class Format:
         return None
 
     def write(self, model: nn.Module, example: Any, path: Path) -> dict[str, Any]:
-        """Write the artifact at `path` (a text model's tokenizer is saved by the caller).
+        """Write the artifact at `path` (a text model's tokenizer is saved by `save_tokenizer`).
 
         Returns:
             Facts for the export record (e.g. the ONNX opset).
         """
         raise NotImplementedError
+
+    def save_tokenizer(self, model: nn.Module, tokenizer: Any, folder: Path) -> None:
+        """Save the tokenizer that produces the artifact's inputs."""
+        tokenizer.save_pretrained(str(folder))
+
+    def parity_inputs(self, model: nn.Module, arrays: dict[str, Any]) -> dict[str, Any]:
+        """The run's test inputs as the artifact takes them (the tokenizer's ids, by default)."""
+        return arrays
 
 
 class Onnx(Format):
@@ -116,8 +125,11 @@ class HuggingFace(Format):
     def refusal(self, model: nn.Module) -> str | None:
         if not is_transformers(model):
             return f"{type(model).__name__} is not a transformers model"
+        embedding = model.get_input_embeddings()
+        if not isinstance(embedding.rows if isinstance(embedding, TrimmedEmbedding) else embedding, nn.Embedding):
+            return "its word embeddings are factorised, which a transformers config cannot describe"
         foreign = [name for name, module in model.named_modules()
-                   if not type(module).__module__.startswith(("transformers.", "torch.nn."))]
+                   if not type(module).__module__.startswith(("transformers.", "torch.nn.")) and module is not embedding]
         if foreign:
             return f"its layer {foreign[0]} is {type(model.get_submodule(foreign[0])).__name__}, which a transformers config cannot describe"
         heads = _heads(model)
@@ -135,9 +147,31 @@ class HuggingFace(Format):
     def write(self, model: nn.Module, example: Any, path: Path) -> dict[str, Any]:
         config = _config(model)
         copied = copy.deepcopy(model).cpu()
+        facts: dict[str, Any] = {"intermediate_size": getattr(config, "intermediate_size", None)}
+        embedding = copied.get_input_embeddings()
+        if isinstance(embedding, TrimmedEmbedding):  # a plain table of the kept rows; the tokenizer emits row ids
+            copied.set_input_embeddings(embedding.rows)
+            config.vocab_size = embedding.rows.num_embeddings
+            if getattr(config, "pad_token_id", None) is not None:
+                config.pad_token_id = int(embedding.remap[config.pad_token_id])
+            facts.update(vocab_kept=config.vocab_size, vocab_size=embedding.num_embeddings,
+                         tokenizer="trimmed WordPiece: words with a dropped piece are split into kept pieces (the run's model read such pieces as [UNK])")
         copied.config = config
         copied.save_pretrained(str(path))
-        return {"intermediate_size": getattr(config, "intermediate_size", None)}
+        return facts
+
+    def save_tokenizer(self, model: nn.Module, tokenizer: Any, folder: Path) -> None:
+        tokenizer.save_pretrained(str(folder))
+        embedding = model.get_input_embeddings()
+        if isinstance(embedding, TrimmedEmbedding):
+            trim_tokenizer_file(folder / "tokenizer.json", embedding, tokenizer.unk_token_id)
+
+    def parity_inputs(self, model: nn.Module, arrays: dict[str, Any]) -> dict[str, Any]:
+        embedding = model.get_input_embeddings()
+        if not isinstance(embedding, TrimmedEmbedding):
+            return arrays
+        remap = embedding.remap.cpu().numpy()
+        return {**arrays, "input_ids": remap[arrays["input_ids"]].astype(arrays["input_ids"].dtype)}
 
 
 def _config(model: nn.Module) -> Any:

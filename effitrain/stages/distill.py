@@ -10,10 +10,11 @@ from typing import Any, Dict, List, Optional
 from omegaconf import MISSING, DictConfig, OmegaConf
 from torch import nn
 
+from effitrain.compress.embeddings import factorize_embeddings, token_ids, trim_vocabulary
 from effitrain.distill.features import FeatureMatch, parse_pairs
 from effitrain.distill.loss import DistillLoss
 from effitrain.distill.sources import cache_teacher_outputs, derive_student, resolve_teacher, teacher_source
-from effitrain.errors import ConfigError, not_allowed, require
+from effitrain.errors import ConfigError, not_allowed, require, require_choice
 from effitrain.stages.base import Context, Prepared, StageResult
 from effitrain.stages.train import PlannedFit, TrainingStage, fit_metrics, make_trainer
 
@@ -24,11 +25,15 @@ def _check_run(path: Path, stage: Optional[str]) -> str:
     return completed_stage(path, stage)
 
 
+VOCAB = ("full", "trim")
+
+
 @dataclass
 class PreparedStudent(Prepared):
     """The student (`model`) and the teachers it learns from."""
 
     teachers: List[nn.Module]
+    embeddings: Dict[str, Any]
 
 
 @dataclass
@@ -48,6 +53,11 @@ class Distill(TrainingStage):
             weight: 1.0}], with a learned projection when widths differ.
         cache_teacher: compute the teachers' logits on the training set once instead of every
             step (needs unaugmented data; not with `features`, which need the teacher's layers).
+        vocab: 'full', or 'trim': the student keeps only the word-embedding rows of tokens in
+            the training data plus the tokenizer's special tokens (others read as [UNK]); it
+            still takes the tokenizer's ids (`effitrain.compress.embeddings`).
+        embedding_rank: factorise the student's word embeddings into V x r rows and an r x d
+            projection (SVD-initialised, fine-tuned here); null keeps them whole.
     """
 
     kind = "distill"
@@ -59,6 +69,8 @@ class Distill(TrainingStage):
     alpha: float = MISSING
     features: List[Dict[str, Any]] = MISSING
     cache_teacher: bool = MISSING
+    vocab: str = MISSING
+    embedding_rank: Optional[int] = MISSING
 
     def __post_init__(self) -> None:
         require(bool(self.teachers), "teachers", self.teachers, "one or more teacher sources")
@@ -71,12 +83,18 @@ class Distill(TrainingStage):
         parse_pairs(self.features, "features")
         if self.cache_teacher and self.features:
             raise not_allowed("cache_teacher", self.cache_teacher, "false when features are set (the intermediate layers need the teacher's forward every step)")
+        require_choice("vocab", self.vocab, VOCAB)
+        if self.embedding_rank is not None:
+            require(self.embedding_rank >= 1, "embedding_rank", self.embedding_rank, "an integer >= 1, or null")
 
     def check(self, cfg: DictConfig, name: str) -> None:
         super().check(cfg, name)
         earlier = list(cfg.stage)[: list(cfg.stage).index(name)]
         for index, source in enumerate(self.teachers):
             teacher_source(source, earlier, f"stage.{name}.teachers[{index}]", check_run=_check_run)
+        if self.vocab == "trim" and not cfg.data.get("tokenizer"):
+            raise ConfigError(f"stage.{name}.vocab = 'trim': needs text data with a tokenizer (data.tokenizer); "
+                              f"data {cfg.data.get('_target_')!r} has none (allowed: full)")
 
     def prepare(self, model: nn.Module, ctx: Context) -> PreparedStudent:
         where = f"stage.{ctx.stage_name}"
@@ -86,8 +104,29 @@ class Distill(TrainingStage):
             for index, source in enumerate(self.teachers)
         ]
         if self.keep_every is not None:
-            return PreparedStudent(derive_student(teachers[0], self.keep_every, f"{where}.keep_every").to(ctx.device), teachers)
-        return PreparedStudent(ctx.build_model(OmegaConf.create(self.student), seeded=True), teachers)
+            student = derive_student(teachers[0], self.keep_every, f"{where}.keep_every").to(ctx.device)
+        else:
+            student = ctx.build_model(OmegaConf.create(self.student), seeded=True)
+        return PreparedStudent(student, teachers, self.shrink_embeddings(student, ctx, where))
+
+    def shrink_embeddings(self, student: nn.Module, ctx: Context, where: str) -> Dict[str, Any]:
+        """Trim and/or factorise the student's word embeddings in place; what was kept, for the ledger.
+
+        The kept tokens depend only on the training split, so a resumed run or a model rebuilt
+        from the run folder gets the same table.
+        """
+        notes: Dict[str, Any] = {}
+        if self.vocab == "trim":
+            from effitrain.models.hf import load_tokenizer
+
+            tokenizer = load_tokenizer(ctx.cfg.data.tokenizer, ctx.cfg.data.get("offline", True))
+            if tokenizer.unk_token_id is None:
+                raise ConfigError(f"{where}.vocab = 'trim': the tokenizer has no [UNK] token for the tokens it drops (allowed: full)")
+            seen = token_ids((ctx.task.split(batch)[0] for batch in ctx.data.train), f"{where}.vocab")
+            notes.update(trim_vocabulary(student, [*seen.tolist(), *tokenizer.all_special_ids], tokenizer.unk_token_id, f"{where}.vocab"))
+        if self.embedding_rank is not None:
+            notes.update(factorize_embeddings(student, self.embedding_rank, f"{where}.embedding_rank"))
+        return notes
 
     def planned(self, name: str, cfg: DictConfig, batches: int) -> list[PlannedFit]:
         fits = super().planned(name, cfg, batches)
@@ -111,4 +150,4 @@ class Distill(TrainingStage):
             if features is not None:
                 features.close()
         teacher_scores = [ctx.task.evaluate(teacher, ctx.data.test, ctx.precision)["accuracy"] for teacher in teachers]
-        return StageResult(model, {**fit_metrics(result), "teacher_accuracy": teacher_scores})
+        return StageResult(model, {**fit_metrics(result), "teacher_accuracy": teacher_scores, **prepared.embeddings})
