@@ -27,6 +27,7 @@ from effitrain.runlog import RunLogger
 from effitrain.runs import load_run_model, replay
 from effitrain.stages.base import Context, Prepared, Stage, StageResult, build_model, build_stage
 from effitrain.tasks import Task
+from effitrain.trainer.compile import check_compiler
 
 log = logging.getLogger("effitrain")
 
@@ -120,7 +121,12 @@ def make_plan(cfg: DictConfig) -> RunPlan:
         stage = build_stage(str(name), stage_cfg)
         stage.check(typed, str(name))
         stages[str(name)] = stage
-    return RunPlan(typed, task, stages, precision_from_config(typed))
+    precision = precision_from_config(typed)
+    check_compiler(typed.trainer.compile, precision.device)
+    for name, stage in stages.items():
+        override = (getattr(stage, "trainer", None) or {}).get("compile")
+        check_compiler(override, precision.device, f"stage.{name}.trainer.compile")
+    return RunPlan(typed, task, stages, precision)
 
 
 # The CLI checks every job before Hydra makes a folder; a job run in the same process (a single

@@ -41,6 +41,7 @@ class TrainerConfig:
     early_stopping_patience: Optional[int] = MISSING
     log_every_steps: int = MISSING
     progress: str = MISSING
+    compile: Any = False  # true | false | auto (a bool or the word; default for configs made before the key)
 
     @classmethod
     def with_defaults(cls, **settings: Any) -> "TrainerConfig":
@@ -113,6 +114,7 @@ RULES: list[Rule] = [
     ("trainer.early_stopping_patience", lambda v: v >= 1, "an integer >= 1, or null to train every epoch"),
     ("trainer.log_every_steps", lambda v: v >= 1, "an integer >= 1"),
     ("trainer.progress", lambda v: v in PROGRESS, f"one of {', '.join(PROGRESS)}"),
+    ("trainer.compile", lambda v: isinstance(v, bool) or v == "auto", "true, false or auto"),
     ("scheduler.warmup_steps", lambda v: isinstance(v, int) and v >= 0, "an integer >= 0"),
     ("scheduler.min_lr_ratio", lambda v: isinstance(v, (int, float)) and 0 <= v <= 1, "a number in [0, 1]"),
     ("optimizer.lr", lambda v: isinstance(v, (int, float)) and v > 0, "a number > 0"),

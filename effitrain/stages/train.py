@@ -112,7 +112,7 @@ def plan_fit(cfg: DictConfig, name: str, overrides: dict[str, dict], batches: in
 
 def fit_metrics(result: FitResult) -> dict[str, Any]:
     """The ledger metrics every training stage reports."""
-    return {"epochs": result.epochs, "steps": result.steps, "best_val": result.best}
+    return {"epochs": result.epochs, "steps": result.steps, "best_val": result.best, **({"compile": result.compile} if result.compile else {})}
 
 
 @dataclass

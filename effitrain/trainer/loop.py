@@ -27,6 +27,8 @@ from effitrain.errors import ConfigError, TrainingError
 from effitrain.precision import PrecisionPolicy
 from effitrain.runlog import RunLogger
 from effitrain.tasks import Classification, Task
+from effitrain.retime import synchronizer
+from effitrain.trainer.compile import training_model
 from effitrain.trainer.hooks import Hook
 from effitrain.trainer.progress import Progress
 
@@ -44,6 +46,7 @@ class FitResult:
     steps: int
     best: float | None
     stopped_early: bool
+    compile: str | None = None  # what trainer.compile chose and why (None: eager, not asked)
 
 
 class Trainer:
@@ -99,6 +102,7 @@ class Trainer:
         self.total_steps = 0
         self.skipped_in_a_row = 0  # fp16 steps in a row whose loss overflowed
         self.model: nn.Module | None = None
+        self.train_model: nn.Module | None = None  # the module training steps call: the model, or its torch.compile
         self.optimizer: torch.optim.Optimizer | None = None
 
     # -- public -------------------------------------------------------------------------------
@@ -133,6 +137,7 @@ class Trainer:
             log.info("[%s] resumed after epoch %d (step %d)", self.label, self.epoch, self.step)
         for hook in self.hooks:
             hook.on_fit_start(self)
+        self.train_model, compile_note = self._training_model(model, train_loader, total_steps - self.step)
         progress = Progress(self.label, total_steps, settings.progress)
         try:
             while self.epoch < settings.max_epochs and self.step < total_steps and not stopped_early:
@@ -158,7 +163,35 @@ class Trainer:
         best_path = self.checkpoint_dir / "best.safetensors"
         if settings.restore_best and best_path.exists():
             load_weights(model, best_path)
-        return FitResult(epochs=self.epoch, steps=self.step, best=best, stopped_early=stopped_early)
+        return FitResult(epochs=self.epoch, steps=self.step, best=best, stopped_early=stopped_early, compile=compile_note)
+
+    def _training_model(self, model: nn.Module, loader: Iterable, steps: int) -> tuple[nn.Module, str | None]:
+        """The module training steps call (`trainer.compile`); a probe or compile step on one
+        batch leaves no trace: buffers and random states restored, gradients cleared."""
+        setting = self.settings.compile
+        if setting is None or setting is False or steps <= 0:
+            return model, None
+        rng = _rng_state()  # before the loader: starting an iterator draws a seed
+        inputs, targets = self.task.split(next(iter(loader)))
+        inputs, targets = move(inputs, self.precision.device), move(targets, self.precision.device)
+        modules = [module for module in (model, self.loss_fn) if isinstance(module, nn.Module)]
+        buffers = [{name: buffer.detach().clone() for name, buffer in module.named_buffers()} for module in modules]
+
+        def step(module: nn.Module) -> None:
+            with self.precision.autocast():
+                loss = self.loss_fn(module, inputs, targets)
+            loss.backward()
+            for owner in modules:
+                owner.zero_grad(set_to_none=True)
+
+        try:
+            return training_model(setting, model, step, steps, self.label, synchronizer(self.precision.device))
+        finally:
+            with torch.no_grad():
+                for module, saved in zip(modules, buffers):
+                    for name, buffer in module.named_buffers():
+                        buffer.copy_(saved[name])
+            _set_rng_state(rng)
 
     # -- one epoch ----------------------------------------------------------------------------
 
@@ -180,7 +213,7 @@ class Trainer:
             inputs, targets = self.task.split(batch)
             inputs, targets = move(inputs, precision.device), move(targets, precision.device)
             with precision.autocast():
-                loss = self.loss_fn(model, inputs, targets)
+                loss = self.loss_fn(self.train_model, inputs, targets)
             window_loss += loss.detach()
             scaled = loss / accum if accum > 1 else loss  # no extra autograd node without accumulation
             if precision.scaler is not None:
