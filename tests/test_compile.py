@@ -32,6 +32,10 @@ def test_auto_keeps_compiled_only_when_clearly_faster() -> None:
     assert within_noise.describe(500).startswith("compile auto: eager; eager 100.0 ms/step, compiled 97.0 ms/step (1.03x")
     slower = Probe(eager_ms=100.0, compiled_ms=140.0, compile_s=30.0)
     assert not slower.compiled_wins and "(0.71x" in slower.describe(10)
+    short = Probe(eager_ms=4.0, short=True)
+    assert not short.compiled_wins
+    assert short.describe(300) == ("compile auto: eager; this fit is ~1 s of eager steps (300 x 4.0 ms), under 60 s: "
+                                   "too short for a compile (tens of seconds on a CPU) to pay back")
     failed = Probe(eager_ms=100.0, error="Unsupported: hooks")
     assert not failed.compiled_wins and "torch.compile failed on this model (Unsupported: hooks)" in failed.describe(10)
 
@@ -50,7 +54,11 @@ def test_probe_interleaves_and_reports_a_failed_compile() -> None:
 
     measured, compiled = probe(step, model, rounds=3, compile_model=Fake)
     assert isinstance(compiled, Fake) and measured.compile_s is not None
-    assert calls == ["eager", "compiled"] + ["eager", "compiled"] * 3  # warm-up, compile, then alternating rounds
+    assert calls == ["eager", "eager", "compiled"] + ["eager", "compiled"] * 3  # warm-up, eager, compile, then alternating rounds
+    calls.clear()
+    measured, compiled = probe(step, model, compile_model=Fake, steps=100)  # ~0 ms x 100 steps: not worth a compile
+    assert compiled is None and measured.short and calls == ["eager", "eager"]
+    assert measured.describe(100).startswith("compile auto: eager; this fit is ~0 s of eager steps (100 x ")
 
     def broken(module):
         raise RuntimeError("dynamo cannot trace this\nmore detail")
@@ -99,6 +107,7 @@ def _fit(tmp_path: Path, setting) -> tuple[dict[str, torch.Tensor], object]:
 def test_auto_probe_leaves_training_exactly_as_without_it(tmp_path, monkeypatch) -> None:
     # a stand-in compiler (the same module): the probe runs its steps, picks eager, and must leave no trace
     monkeypatch.setattr(compiling, "compiled_model", lambda module: module)
+    monkeypatch.setattr(compiling, "MIN_FIT_S", 0)  # probe even this short fit
     plain, _ = _fit(tmp_path / "a", False)
     probed, result = _fit(tmp_path / "b", "auto")
     assert result.compile is not None and result.compile.startswith("compile auto: eager; eager ")

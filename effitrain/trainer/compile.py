@@ -27,6 +27,7 @@ log = logging.getLogger("effitrain")
 AUTO = "auto"
 MARGIN = 0.05  # compiled steps must be at least 5% faster: a smaller gain is inside the noise of these machines
 ROUNDS = 3
+MIN_FIT_S = 60  # fits whose eager steps add up to less than this are not worth compiling
 
 
 @dataclass
@@ -37,6 +38,7 @@ class Probe:
     compiled_ms: float | None = None
     compile_s: float | None = None
     error: str | None = None
+    short: bool = False  # the fit's eager steps add up to less than MIN_FIT_S: not compiled at all
 
     @property
     def compiled_wins(self) -> bool:
@@ -44,6 +46,9 @@ class Probe:
 
     def describe(self, steps: int) -> str:
         """One line: both timings, the compile cost, the choice and why."""
+        if self.short:
+            return (f"compile auto: eager; this fit is ~{self.eager_ms * steps / 1000:.0f} s of eager steps ({steps} x {self.eager_ms:.1f} ms), "
+                    f"under {MIN_FIT_S} s: too short for a compile (tens of seconds on a CPU) to pay back")
         if self.error is not None:
             return f"compile auto: eager ({self.eager_ms:.1f} ms/step); torch.compile failed on this model ({self.error})"
         assert self.compiled_ms is not None and self.compile_s is not None
@@ -73,15 +78,22 @@ def _time(call: Callable[[], None], sync: Callable[[], None]) -> float:
     return (time.perf_counter() - started) * 1000
 
 
-def probe(step: Callable[[nn.Module], None], model: nn.Module, rounds: int = ROUNDS,
-          sync: Callable[[], None] = lambda: None, compile_model: Callable[[nn.Module], nn.Module] | None = None) -> tuple[Probe, nn.Module | None]:
+def probe(step: Callable[[nn.Module], None], model: nn.Module, rounds: int = ROUNDS, sync: Callable[[], None] = lambda: None,
+          compile_model: Callable[[nn.Module], nn.Module] | None = None, steps: int | None = None) -> tuple[Probe, nn.Module | None]:
     """Time `step(model)` (forward + backward of one batch) eager and compiled, interleaved.
 
+    Args:
+        steps: the steps the fit has left; when their eager time is under MIN_FIT_S, nothing
+            is compiled (a compile takes longer than such a fit could save).
+
     Returns:
-        (what was measured, the compiled model or None when it failed).
+        (what was measured, the compiled model or None when it failed or was not built).
     """
     step(model)  # warm-up: allocator, kernels, lazy modules
     sync()
+    first = _time(lambda: step(model), sync)
+    if steps is not None and first * steps / 1000 < MIN_FIT_S:
+        return Probe(eager_ms=first, short=True), None
     try:
         compiled = (compile_model or compiled_model)(model)
         compile_ms = _time(lambda: step(compiled), sync)  # the first call compiles
@@ -114,7 +126,7 @@ def training_model(setting: Any, model: nn.Module, step: Callable[[nn.Module], N
         except Exception as error:
             raise first_step_failed(error, label) from None
         return compiled, "compiled"
-    measured, compiled = probe(step, model, sync=sync)
+    measured, compiled = probe(step, model, sync=sync, steps=steps)
     note = measured.describe(steps)
     log.info("[%s] %s", label, note)
     return (compiled if measured.compiled_wins and compiled is not None else model), note
