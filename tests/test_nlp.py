@@ -158,7 +158,7 @@ def test_structured_bert_pruning_reloads_the_saved_shapes(tmp_path_factory, work
     result = run_cli(
         "run", "recipe=prune_bert", f"model.pretrained={folder}", "data.max_length=16", "data.input_shape=[16]",
         "trainer.max_epochs=1", "measure.repeats=10", "measure.warmup=1", "stage.pruned.saliency=taylor",
-        "stage.pruned.distribution=global", "stage.pruned.schedule=iterative", "stage.pruned.rounds=2", "stage.pruned.taylor_batches=2",
+        "stage.pruned.distribution=global", "stage.pruned.schedule=iterative", "stage.pruned.rounds=2", "stage.pruned.saliency_batches=2",
         "~stage.evaluate", "hydra.run.dir=run", cwd=workdir, timeout=400,
     )
     assert result.returncode == 0, result.stderr[-3000:]

@@ -198,14 +198,17 @@ BAD = [
     ("stage.pruned.sparsity=-0.1", "stage.pruned.sparsity = -0.1 is not allowed (allowed: a number in [0, 1))"),
     ("stage.pruned.n=4", "stage.pruned.n:m = '4:4' is not allowed (allowed: 1 <= n < m, e.g. 2:4)"),
     ("stage.pruned.granularity=structured", "stage.pruned.schedule = 'gradual' is not allowed (allowed: oneshot, iterative (with granularity 'structured'))"),
-    ("stage.pruned.saliency=nope", "stage.pruned.saliency = 'nope' is not allowed (allowed: l1, l2, taylor, random"),
+    ("stage.pruned.saliency=nope", "stage.pruned.saliency = 'nope' is not allowed (allowed: l1, l2, taylor, obd, random"),
+    ("stage.pruned.saliency_batches=0", "stage.pruned.saliency_batches = 0 is not allowed (allowed: an integer >= 1)"),
+    ("stage.pruned.distribution=erk stage.pruned.granularity=nm stage.pruned.schedule=oneshot",
+     "stage.pruned.distribution = 'erk' is not allowed (allowed: global, uniform (with granularity 'nm'; erk sets per-layer weight densities))"),
     ("stage.pruned.schedule=sometimes", "stage.pruned.schedule = 'sometimes' is not allowed (allowed: oneshot, iterative, gradual, rigl)"),
 ]
 
 
 @pytest.mark.parametrize("override,message", BAD, ids=[case[0] for case in BAD])
 def test_bad_prune_input_is_one_line_and_no_run_folder(workdir: Path, override: str, message: str) -> None:
-    result = run_cli("run", "recipe=prune_gradual_digits", *TINY, override, cwd=workdir)
+    result = run_cli("run", "recipe=prune_gradual_digits", *TINY, *override.split(), cwd=workdir)
     assert_refused(result, message, workdir)
 
 
@@ -227,3 +230,75 @@ def test_user_saliency_by_dotted_path() -> None:
     assert weight[mask].abs().max() <= weight[~mask].abs().min()  # the user's rule: the largest went
     with pytest.raises(ConfigError, match=r"saliency = 'no.such.fn' is not allowed"):
         check_saliency("no.such.fn", "saliency")
+
+
+def test_fisher_diagonal_is_the_mean_squared_per_example_gradient() -> None:
+    from torch.func import functional_call, grad, vmap
+
+    from effitrain.prune.masks import fisher_diagonal
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 6), nn.BatchNorm1d(6), nn.ReLU(), nn.Dropout(0.5), nn.Linear(6, 3)).train()
+    batches = [(torch.randn(5, 4), torch.randint(0, 3, (5,))), (torch.randn(3, 4), torch.randint(0, 3, (3,)))]
+    loss = lambda m, x, y: nn.functional.cross_entropy(m(x), y)  # noqa: E731
+    fisher = fisher_diagonal(model, batches, loss, None)
+    assert model.training and all(p.grad is None for p in model.parameters())  # left as it was
+    # the reference: per-example gradients by torch.func (eval mode: BatchNorm's running statistics, no dropout)
+    model.eval()
+    params = {name: p.detach() for name, p in model.named_parameters()}
+    buffers = dict(model.named_buffers())
+
+    def one(p, x, y):
+        return nn.functional.cross_entropy(functional_call(model, (p, buffers), (x.unsqueeze(0),)), y.unsqueeze(0))
+
+    inputs, targets = torch.cat([b[0] for b in batches]), torch.cat([b[1] for b in batches])
+    per_example = vmap(grad(one), in_dims=(None, 0, 0))(params, inputs, targets)
+    for name in params:
+        assert torch.allclose(fisher[name], (per_example[name] ** 2).mean(0), atol=1e-6), name
+    scores = saliency_scores(model, "obd", ["0", "4"], batches, loss)
+    assert torch.allclose(scores["4"], 0.5 * fisher["4.weight"] * params["4.weight"] ** 2)
+
+
+def test_erk_reaches_the_global_target_exactly_and_favours_small_layers() -> None:
+    from effitrain.prune.masks import erk_sparsities
+
+    model = cnn()
+    weights = prunable(model)
+    scores = {name: weight.detach().abs() for name, weight in weights.items()}
+    total = sum(weight.numel() for weight in weights.values())
+    for target in (0.5, 0.8, 0.95):
+        masks = magnitude_masks(scores, target, {name: None for name in scores}, "erk")
+        kept = sum(int(mask.sum()) for mask in masks.values())
+        assert abs((1 - kept / total) - target) <= len(masks) / total  # exact up to rounding each layer to whole weights
+    shapes = {"small": (8, 1, 3, 3), "big": (64, 128), "head": (10, 64)}
+    densities = {name: 1 - value for name, value in erk_sparsities(shapes, 0.9, {}, "s").items()}
+    assert densities["small"] > densities["head"] > densities["big"]
+    # at a low target ERK would give the small conv a density above 1: it is capped dense and the rest re-solved
+    low = erk_sparsities(shapes, 0.2, {}, "s")
+    sizes = {name: torch.tensor(shape).prod().item() for name, shape in shapes.items()}
+    assert low["small"] == 0.0 and abs(sum(low[n] * sizes[n] for n in shapes) / sum(sizes.values()) - 0.2) < 1e-9
+    fixed = erk_sparsities(shapes, 0.5, {"head": 0.0}, "s")  # an override keeps its own and counts toward the total
+    assert fixed["head"] == 0.0 and abs(sum(fixed[n] * sizes[n] for n in shapes) / sum(sizes.values()) - 0.5) < 1e-9
+    with pytest.raises(ConfigError, match=r"stage.p.sparsity = 0.95: unreachable with distribution 'erk'.*\(allowed: at most 0.0800"):
+        erk_sparsities(shapes, 0.95, {"big": 0.0}, "stage.p")
+
+
+def test_erk_with_every_schedule_through_the_cli(workdir: Path) -> None:
+    for schedule_name in ("oneshot", "gradual", "rigl"):
+        result = run_cli("run", "recipe=prune_gradual_digits", *TINY, "stage.dense.trainer.max_epochs=1", "stage.pruned.distribution=erk",
+                         f"stage.pruned.schedule={schedule_name}", "stage.pruned.saliency=obd", "stage.pruned.saliency_batches=1",
+                         f"hydra.run.dir=erk_{schedule_name}", cwd=workdir)
+        assert result.returncode == 0, result.stderr[-2000:]
+        row = read_summary(workdir / f"erk_{schedule_name}")["stages"][1]["metrics"]
+        assert abs(row["achieved_sparsity"] - 0.9) < 0.005, (schedule_name, row["achieved_sparsity"])
+
+
+def test_old_run_folders_with_taylor_batches_still_build() -> None:
+    from omegaconf import OmegaConf
+
+    from effitrain.config import group_defaults
+    from effitrain.stages.base import build_stage
+
+    node = {key: value for key, value in group_defaults("stage", "prune").items() if key != "saliency_batches"}
+    stage = build_stage("p", OmegaConf.create({**node, "taylor_batches": 3, "trainer": {}, "optimizer": {}, "scheduler": {}}))
+    assert stage.saliency_batches == 3

@@ -18,7 +18,7 @@ from torch import nn
 from effitrain.batch import forward, move
 from effitrain.errors import ConfigError
 from effitrain.layers import WEIGHT_LAYERS, replace_layers
-from effitrain.prune.masks import gradient_passes
+from effitrain.prune.masks import fisher_diagonal, gradient_passes
 
 
 def _output_layer(model: nn.Module) -> nn.Module:
@@ -37,9 +37,11 @@ def _importance(saliency: str) -> Any:
         return tp.importance.MagnitudeImportance(p=2)
     if saliency == "taylor":
         return tp.importance.TaylorImportance()
+    if saliency == "obd":  # reads the Hessian diagonal from .grad: prune_channels puts the Fisher diagonal there
+        return tp.importance.GroupHessianImportance()
     if saliency == "random":
         return tp.importance.RandomImportance()
-    raise ConfigError(f"saliency = {saliency!r} is not supported for structured pruning (allowed: l1, l2, taylor, random)")
+    raise ConfigError(f"saliency = {saliency!r} is not supported for structured pruning (allowed: l1, l2, taylor, obd, random)")
 
 
 def prune_channels(
@@ -50,7 +52,7 @@ def prune_channels(
     saliency: str,
     distribution: str,
     where: str,
-    taylor_batches: Iterable | None = None,
+    saliency_batches: Iterable | None = None,
     loss_fn: Callable | None = None,
     device: torch.device | None = None,
 ) -> list[str]:
@@ -60,7 +62,7 @@ def prune_channels(
         model: pruned in place.
         example: example inputs for tracing the dependency graph.
         own: per-layer sparsity overrides by module name (0 leaves a layer whole).
-        taylor_batches, loss_fn, device: for Taylor saliency, the batches whose gradients score channels.
+        saliency_batches, loss_fn, device: for Taylor and OBD saliency, the batches whose gradients score channels.
 
     Returns:
         The layers whose output channels the default `sparsity` applies to (not the output
@@ -97,9 +99,15 @@ def prune_channels(
             global_pruning=distribution == "global", forward_fn=lambda m, x: forward(m, x), **head_options,
         )
         if saliency == "taylor":  # Torch-Pruning's TaylorImportance reads the summed gradients
-            assert taylor_batches is not None and loss_fn is not None
-            for _ in gradient_passes(model, taylor_batches, loss_fn, device, accumulate=True):
+            assert saliency_batches is not None and loss_fn is not None
+            for _ in gradient_passes(model, saliency_batches, loss_fn, device, accumulate=True):
                 pass
+        if saliency == "obd":  # our own per-example Fisher (its accumulate_grad keeps only the last example's)
+            assert saliency_batches is not None and loss_fn is not None
+            fisher = fisher_diagonal(model, saliency_batches, loss_fn, device)
+            for param_name, param in model.named_parameters():
+                if param_name in fisher:
+                    param.grad = fisher[param_name]
         pruner.step()
         model.zero_grad(set_to_none=True)
         for module in attention:  # tell the attention modules how many heads they have left

@@ -104,6 +104,7 @@ class Stage:
     """Base class of stages. Subclasses are dataclasses: their fields are the stage's config."""
 
     kind: ClassVar[str] = "stage"
+    renamed: ClassVar[dict[str, str]] = {}  # old field name -> new one: configs of older run folders still build
 
     def __post_init__(self) -> None:
         """Check field ranges; raise ConfigError naming the field (the builder adds `stage.<name>.`)."""
@@ -179,6 +180,10 @@ def build_stage(name: str, stage_cfg: DictConfig) -> Stage:
     try:
         # resolved while still attached to the whole config, so ${data.num_classes} etc. work
         params = {key: value for key, value in OmegaConf.to_container(stage_cfg, resolve=True).items() if key != "_target_"}
+        for old, new in stage_class.renamed.items():
+            if old in params:
+                value = params.pop(old)
+                params.setdefault(new, value)
         typed = OmegaConf.merge(OmegaConf.structured(stage_class), params)
         missing = sorted(OmegaConf.missing_keys(typed))
         if missing:

@@ -17,6 +17,7 @@ from effitrain.checkpoint import load_weights, saved_shapes, write_json
 from effitrain.errors import require, require_choice
 from effitrain.prune.hook import MaskHook
 from effitrain.prune.masks import (
+    GRADIENT_SALIENCIES,
     apply_masks,
     check_saliency,
     layer_sparsities,
@@ -35,7 +36,7 @@ log = logging.getLogger("effitrain")
 
 GRANULARITIES = ("unstructured", "structured", "nm")
 SCHEDULES = ("oneshot", "iterative", "gradual", "rigl")
-DISTRIBUTIONS = ("global", "uniform")
+DISTRIBUTIONS = ("global", "uniform", "erk")
 
 
 @dataclass
@@ -51,9 +52,10 @@ class Prune(TrainingStage):
 
     Fields:
         granularity: unstructured (weights) | structured (channels/neurons, physically removed) | nm (N:M).
-        saliency: l1 | l2 | taylor | random | a dotted path to fn(name, weight) -> scores.
+        saliency: l1 | l2 | taylor | obd | random | a dotted path to fn(name, weight) -> scores.
         sparsity: target fraction of weights (unstructured/nm: n/m is implied) or channels removed, in [0, 1).
-        distribution: global (one threshold across layers) | uniform (the same in every layer).
+        distribution: global (one threshold across layers) | uniform (the same in every layer) |
+            erk (Erdős–Rényi-Kernel densities reaching `sparsity` over all layers; unstructured).
         overrides: {module-name pattern: sparsity}; 0 leaves a layer dense. On the command line:
             stage.NAME.overrides='{features.0: 0, classifier.*: 0.5}' (null: none).
         schedule: oneshot | iterative (`rounds` prune/fine-tune rounds) | gradual (Zhu & Gupta,
@@ -64,10 +66,12 @@ class Prune(TrainingStage):
             begin_step to end_step (null: 75% of the stage's steps), masks updated every `frequency` steps.
         drop_fraction: RigL's initial drop/regrow fraction (cosine-decayed to 0 at end_step).
         n, m: N:M pattern (keep n of every m consecutive weights).
-        taylor_batches: training batches whose gradients score weights for taylor saliency.
+        saliency_batches: training batches whose gradients score weights for taylor and obd
+            saliency (obd: per-example gradients, for the Fisher diagonal).
     """
 
     kind = "prune"
+    renamed = {"taylor_batches": "saliency_batches"}  # run folders made before the rename still load
     granularity: str = MISSING
     saliency: str = MISSING
     sparsity: float = MISSING
@@ -83,7 +87,7 @@ class Prune(TrainingStage):
     drop_fraction: float = MISSING
     n: int = MISSING
     m: int = MISSING
-    taylor_batches: int = MISSING
+    saliency_batches: int = MISSING
 
     def __post_init__(self) -> None:
         require_choice("granularity", self.granularity, GRANULARITIES)
@@ -93,11 +97,14 @@ class Prune(TrainingStage):
         require(0 <= self.sparsity < 1, "sparsity", self.sparsity, "a number in [0, 1)")
         require(0 <= self.initial_sparsity <= self.sparsity, "initial_sparsity", self.initial_sparsity, f"a number in [0, sparsity={self.sparsity}]")
         require(1 <= self.n < self.m, "n:m", f"{self.n}:{self.m}", "1 <= n < m, e.g. 2:4")
-        for key in ("rounds", "frequency", "taylor_batches"):
+        for key in ("rounds", "frequency", "saliency_batches"):
             require(getattr(self, key) >= 1, key, getattr(self, key), "an integer >= 1")
         require(0 < self.drop_fraction < 1, "drop_fraction", self.drop_fraction, "a number in (0, 1)")
         if self.granularity == "structured":
             require(self.schedule in ("oneshot", "iterative"), "schedule", self.schedule, "oneshot, iterative (with granularity 'structured')")
+        if self.distribution == "erk":
+            require(self.granularity == "unstructured", "distribution", self.distribution,
+                    f"global, uniform (with granularity '{self.granularity}'; erk sets per-layer weight densities)")
         if self.granularity == "nm":
             require(self.schedule == "oneshot", "schedule", self.schedule, "oneshot (with granularity 'nm')")
         for pattern, value in (self.overrides or {}).items():
@@ -112,7 +119,8 @@ class Prune(TrainingStage):
         where = f"stage.{name}"
         model = prepared.model
         own = layer_sparsities(list(prunable(model)), self.sparsity, self.overrides or {}, f"{where}.overrides")
-        taylor = [ctx.task.split(batch) for batch in itertools.islice(ctx.data.train, self.taylor_batches)] if self.saliency == "taylor" else None
+        taylor = ([ctx.task.split(batch) for batch in itertools.islice(ctx.data.train, self.saliency_batches)]
+                  if self.saliency in GRADIENT_SALIENCIES else None)
         if self.granularity == "structured":
             achieved = self._structured(name, model, prepared.example, ctx, own, taylor, where)
         else:
@@ -138,6 +146,8 @@ class Prune(TrainingStage):
         those without an override of their own), over which achieved sparsity is measured."""
         if self.granularity == "nm":
             return [layer for layer, value in own.items() if value != 0]
+        if self.distribution == "erk":  # its target is over every layer
+            return list(own)
         return [layer for layer, value in own.items() if value is None] or list(own)
 
     def _structured(self, name: str, model: nn.Module, example: Any, ctx: Context, own: dict, taylor: list | None, where: str) -> float:
@@ -172,7 +182,7 @@ class Prune(TrainingStage):
                     scores[layer] = scores[layer].float().masked_fill(~mask, -1.0)
             if self.granularity == "nm":
                 return nm_masks(scores, self.n, self.m, f"{where}.overrides")
-            return magnitude_masks(scores, target, own, self.distribution)
+            return magnitude_masks(scores, target, own, self.distribution, where)
 
         if self.schedule in ("oneshot", "rigl"):
             hook = MaskHook(remask(model, self.sparsity), "fixed" if self.schedule == "oneshot" else "rigl",

@@ -68,6 +68,8 @@ def check_compiler(setting: Any, device: torch.device | str, where: str = "train
 
 
 def compiled_model(model: nn.Module) -> nn.Module:
+    # inductor's C++ builder warns "No CUDA runtime is found" on CPU-only machines: not the user's concern
+    logging.getLogger("torch.utils.cpp_extension").setLevel(logging.ERROR)
     return torch.compile(model)  # type: ignore[return-value]
 
 
