@@ -23,9 +23,19 @@ def save_weights(model: nn.Module, path: Path) -> None:
     atomic_write(path, lambda temporary: save_file(state, str(temporary)))
 
 
+def save_compressed(model: nn.Module, path: Path) -> Path:
+    """Save `model`'s state dict in the Deep-Compression format (`effitrain.compress.storage`)
+    next to `path`, with its suffix; return the file written."""
+    from effitrain.compress import storage
+
+    target = Path(path).with_suffix(storage.SUFFIX)
+    storage.write(_unshare(model.state_dict()), target)
+    return target
+
+
 def load_weights(model: nn.Module, path: Path) -> nn.Module:
-    """Load safetensors weights saved by `save_weights` into `model` (strict)."""
-    state = load_file(str(path))
+    """Load weights saved by `save_weights` (safetensors) or `save_compressed` into `model` (strict)."""
+    state = _read_weights(Path(path))
     missing, unexpected = model.load_state_dict(state, strict=False)
     tied = {name for name in missing if _is_tied(model, name)}
     if set(missing) - tied or unexpected:
@@ -33,11 +43,24 @@ def load_weights(model: nn.Module, path: Path) -> nn.Module:
     return model
 
 
+def _read_weights(path: Path) -> dict[str, torch.Tensor]:
+    from effitrain.compress import storage
+
+    if path.suffix == storage.SUFFIX:
+        return storage.read(path)
+    return load_file(str(path))
+
+
 def unreadable(path: Path) -> str | None:
     """Why a checkpoint file cannot be read, in one line ('Type: first sentence'), or None when it
-    can: a safetensors header, or a whole torch state file. Nothing is kept."""
+    can: a safetensors header, a whole compressed model file (its checksum), or a whole torch
+    state file. Nothing is kept."""
+    from effitrain.compress import storage
+
     try:
-        if path.suffix == ".safetensors":
+        if path.suffix == storage.SUFFIX:
+            storage.read(path)
+        elif path.suffix == ".safetensors":
             saved_shapes(path)
         else:
             load_state(path)
@@ -47,8 +70,14 @@ def unreadable(path: Path) -> str | None:
 
 
 def saved_shapes(path: Path) -> dict[str, tuple[int, ...]]:
-    """Tensor name → shape of a safetensors file, read from its header (no tensor is loaded)."""
+    """Tensor name → shape of a safetensors or compressed model file, read from its header (no
+    tensor is loaded)."""
     from safetensors import safe_open
+
+    from effitrain.compress import storage
+
+    if Path(path).suffix == storage.SUFFIX:
+        return storage.shapes(path)
 
     with safe_open(str(path), framework="pt") as handle:
         return {key: tuple(handle.get_slice(key).get_shape()) for key in handle.keys()}

@@ -2,6 +2,9 @@
 weights are replaced by the nearest of k shared centroids, stored as a k-entry codebook plus
 one index per weight (uint8, or two 4-bit indices per byte when k <= 16). The codebook is a
 parameter: fine-tuning moves the centroids with the summed gradient of their weights.
+
+A pruned layer keeps its zeros (Han et al. cluster the surviving weights only): entry 0 of its
+codebook is held at exactly 0 and the other k - 1 centroids are fitted to the non-zero weights.
 """
 
 from __future__ import annotations
@@ -37,8 +40,21 @@ class ClusteredWeight(nn.Module):
         self.kind = type(layer).__name__
         self.shape = tuple(layer.weight.shape)
         self.conv = conv_args(layer)
-        centroids, labels = kmeans_1d(layer.weight.detach().cpu().float().numpy().ravel(), k, seed)
+        values = layer.weight.detach().cpu().float().numpy().ravel()
+        zeros = values == 0
+        if zeros.any() and (~zeros).sum() >= 1:  # pruned: index 0 is the exact zero, k - 1 centroids for the rest
+            found, found_labels = kmeans_1d(values[~zeros], k - 1, seed)
+            centroids = np.concatenate([[0.0], found])
+            labels = np.zeros(len(values), dtype=np.int64)
+            labels[~zeros] = found_labels + 1
+        else:
+            centroids, labels = kmeans_1d(values, k, seed)
         self.codebook = nn.Parameter(torch.tensor(centroids, dtype=torch.float32, device=layer.weight.device))
+        # not saved: rebuilt from the layer on reload; keeps a pruned layer's zero centroid at 0 through fine-tuning
+        keep = torch.ones(len(centroids), device=layer.weight.device)
+        if zeros.any():
+            keep[0] = 0.0
+        self.register_buffer("keep", keep, persistent=False)
         self.bits = 4 if k <= 16 else 8
         # indices are levels 0..k-1: packed like unsigned quantization levels (two per byte at 4 bits)
         self.register_buffer("indices", pack(torch.tensor(labels, dtype=torch.int16), self.bits, "affine").to(layer.weight.device))
@@ -48,7 +64,7 @@ class ClusteredWeight(nn.Module):
         return unpack(self.indices, self.bits, "affine", (int(np.prod(self.shape)),)).long()
 
     def weight(self) -> Tensor:
-        return self.codebook[self.index_tensor()].reshape(self.shape)
+        return (self.codebook * self.keep)[self.index_tensor()].reshape(self.shape)
 
     def weight_counts(self) -> tuple[int, int]:
         weight = self.weight()

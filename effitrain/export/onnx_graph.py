@@ -150,7 +150,7 @@ class OnnxShared(nn.Module):
     def __init__(self, layer: ClusteredWeight) -> None:
         super().__init__()
         self.kind, self.conv, self.shape = layer.kind, layer.conv, list(layer.shape)
-        self.codebook = layer.codebook
+        self.register_buffer("codebook", (layer.codebook * layer.keep).detach())  # a pruned layer's zero centroid held at 0
         self.register_buffer("indices", layer.index_tensor().to(torch.uint8))
         self.bias = layer.bias
 

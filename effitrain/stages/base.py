@@ -21,11 +21,11 @@ from omegaconf import MISSING, DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 from torch import nn
 
-from effitrain.checkpoint import load_weights, save_weights
+from effitrain.checkpoint import load_weights, save_compressed, save_weights
 from effitrain.config import locate
 from effitrain.config.schema import describe_omegaconf_error
 from effitrain.data import DataBundle
-from effitrain.errors import ConfigError
+from effitrain.errors import ConfigError, require_choice
 from effitrain.precision import PrecisionPolicy
 from effitrain.runlog import RunLogger
 from effitrain.tasks import Task
@@ -162,6 +162,39 @@ class FromSource(Stage):
 
     def prepare(self, model: nn.Module, ctx: Context) -> Prepared:
         return Prepared(self.starting_model(model, ctx))
+
+
+STORAGES = ("auto", "compressed", "plain")
+
+
+@dataclass
+class Stored(Stage):
+    """Mixin (list it before the other bases) for stages whose models hold sparse or shared
+    weights: they save them in the Deep-Compression format (`effitrain.compress.storage`).
+
+    Fields:
+        storage: auto (compressed when the encodings shrink the weights to under 90% of their
+            raw bytes, else safetensors) | compressed (refused for a model with nothing sparse
+            or shared) | plain (safetensors).
+    """
+
+    storage: str = MISSING
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        require_choice("storage", self.storage, STORAGES)
+
+    def save_model(self, model: nn.Module, path: Path) -> Path:
+        from effitrain.compress import storage
+
+        if self.storage == "plain":
+            return super().save_model(model, path)
+        if not storage.worth_compressing(model.state_dict()):
+            if self.storage == "compressed":
+                raise ConfigError(f"storage = 'compressed': {type(model).__name__} has no sparse or shared weights to store "
+                                  "(allowed: auto, plain)")
+            return super().save_model(model, path)
+        return save_compressed(model, path)
 
 
 def build_stage(name: str, stage_cfg: DictConfig) -> Stage:

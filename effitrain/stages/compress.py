@@ -15,7 +15,7 @@ from effitrain.compress import lowrank
 from effitrain.compress.cluster import ClusteredWeight
 from effitrain.errors import ConfigError, require
 from effitrain.layers import replace_layers, select_layers
-from effitrain.stages.base import Context, FromSource, Prepared, StageResult
+from effitrain.stages.base import Context, FromSource, Prepared, StageResult, Stored
 from effitrain.stages.train import TrainingStage, make_trainer
 
 CLUSTERABLE = (nn.Linear, nn.Conv1d, nn.Conv2d)
@@ -73,13 +73,15 @@ class PreparedCluster(Prepared):
 
 
 @dataclass
-class Cluster(FromSource, TrainingStage):
+class Cluster(FromSource, Stored, TrainingStage):
     """k-means weight sharing per layer (codebook + indices), optionally fine-tuning the centroids.
 
     Fields:
         clusters: k centroids per layer, in [2, 256] (k <= 16 stores 4-bit indices).
         skip: module-name patterns left whole.
         fine_tune: train the codebooks (and the other parameters) afterwards.
+        storage: auto | compressed | plain (see `Stored`): the indices, without the zeros of
+            pruned weights, zstd-compressed.
     """
 
     kind = "cluster"
@@ -88,6 +90,7 @@ class Cluster(FromSource, TrainingStage):
     fine_tune: bool = MISSING
 
     def __post_init__(self) -> None:
+        super().__post_init__()
         require(2 <= self.clusters <= 256, "clusters", self.clusters, "an integer in [2, 256]")
 
     def _cluster(self, model: nn.Module, where: str, seed: int) -> None:

@@ -14,7 +14,7 @@ from omegaconf import MISSING, DictConfig
 from torch import Tensor, nn
 
 from effitrain.checkpoint import load_weights, saved_shapes, write_json
-from effitrain.errors import require, require_choice
+from effitrain.errors import not_allowed, require, require_choice
 from effitrain.prune.hook import MaskHook
 from effitrain.prune.masks import (
     GRADIENT_SALIENCIES,
@@ -29,7 +29,7 @@ from effitrain.prune.masks import (
 )
 from effitrain.prune.structured import channels, prune_channels, shrink_to
 from effitrain.ledger import SPARSITY_TOLERANCE, render_text
-from effitrain.stages.base import Context, Prepared, StageResult
+from effitrain.stages.base import Context, Prepared, StageResult, Stored
 from effitrain.stages.train import PlannedFit, TrainingStage, make_trainer, plan_fit
 
 log = logging.getLogger("effitrain")
@@ -47,7 +47,7 @@ class PreparedPrune(Prepared):
 
 
 @dataclass
-class Prune(TrainingStage):
+class Prune(Stored, TrainingStage):
     """Prune the incoming model, fine-tuning with the one trainer.
 
     Fields:
@@ -68,6 +68,8 @@ class Prune(TrainingStage):
         n, m: N:M pattern (keep n of every m consecutive weights).
         saliency_batches: training batches whose gradients score weights for taylor and obd
             saliency (obd: per-example gradients, for the Fisher diagonal).
+        storage: auto | compressed | plain (see `Stored`): masked models are saved as bitmask +
+            values, zstd-compressed, so bytes on disk shrink with sparsity.
     """
 
     kind = "prune"
@@ -90,6 +92,7 @@ class Prune(TrainingStage):
     saliency_batches: int = MISSING
 
     def __post_init__(self) -> None:
+        super().__post_init__()
         require_choice("granularity", self.granularity, GRANULARITIES)
         require_choice("schedule", self.schedule, SCHEDULES)
         require_choice("distribution", self.distribution, DISTRIBUTIONS)
@@ -109,6 +112,9 @@ class Prune(TrainingStage):
             require(self.schedule == "oneshot", "schedule", self.schedule, "oneshot (with granularity 'nm')")
         for pattern, value in (self.overrides or {}).items():
             require(0 <= float(value) < 1, f"overrides.{pattern}", value, "a sparsity in [0, 1)")
+        if self.storage == "compressed" and (self.granularity == "structured" or self.target_sparsity == 0):
+            why = "structured pruning leaves smaller dense layers" if self.granularity == "structured" else "sparsity 0 prunes nothing"
+            raise not_allowed("storage", self.storage, f"auto, plain ({why}: nothing sparse to store)")
 
     def prepare(self, model: nn.Module, ctx: Context) -> PreparedPrune:
         return PreparedPrune(model, ctx.example_batch(2))

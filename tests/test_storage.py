@@ -1,0 +1,143 @@
+"""Deep-Compression storage: exact round trips of every encoding and dtype, files that shrink
+with sparsity and sharing, damaged files refused in one line, clustering that keeps pruned
+zeros, and the prune/cluster stages reloading compressed models bit for bit in a fresh process."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+from effitrain.compress import storage
+from effitrain.compress.cluster import ClusteredWeight
+from effitrain.errors import EffitrainError
+
+from conftest import assert_refused, read_summary, run_cli
+
+TINY = ["data=synthetic", "model.channels=[8,16]", "model.hidden=16", "trainer.max_epochs=2", "measure.repeats=10", "measure.warmup=1"]
+
+
+def test_every_encoding_and_dtype_round_trips_exactly(tmp_path) -> None:
+    torch.manual_seed(0)
+    sparse = torch.randn(64, 32)
+    sparse[torch.rand(64, 32) < 0.9] = 0
+    shared = torch.tensor([0.0, 0.5, -0.25])[torch.randint(0, 3, (40, 40))]
+    state = {
+        "sparse": sparse, "shared": shared, "dense": torch.randn(100), "bf16": torch.randn(33).to(torch.bfloat16),
+        "half": torch.randn(7).half(), "int8": torch.randint(-128, 127, (50,), dtype=torch.int8), "uint8": torch.zeros(9, dtype=torch.uint8),
+        "bool": torch.tensor([True, False, True]), "scalar": torch.tensor(5), "empty": torch.zeros(0, 3), "odd": torch.tensor([0.0, 1.0, 0.0]),
+    }
+    path = tmp_path / "m.dcz"
+    counts = storage.write(state, path)
+    assert set(counts) == {"raw", "sparse", "shared"}
+    back = storage.read(path)
+    assert list(back) == list(state)
+    for name, tensor in state.items():
+        assert back[name].dtype == tensor.dtype and back[name].shape == tensor.shape, name
+        assert torch.equal(back[name].view(torch.int16) if tensor.dtype == torch.bfloat16 else back[name],
+                           tensor.view(torch.int16) if tensor.dtype == torch.bfloat16 else tensor), name
+    assert storage.shapes(path)["sparse"] == (64, 32)
+
+
+def test_file_size_shrinks_with_sparsity(tmp_path) -> None:
+    torch.manual_seed(0)
+    sizes = []
+    for sparsity in (0.0, 0.5, 0.9, 0.98):
+        weight = torch.randn(256, 256)
+        weight[torch.rand(256, 256) < sparsity] = 0
+        storage.write({"w": weight}, tmp_path / f"{sparsity}.dcz")
+        sizes.append((tmp_path / f"{sparsity}.dcz").stat().st_size)
+    assert sizes == sorted(sizes, reverse=True) and sizes[2] < 0.2 * sizes[0]
+    assert not storage.worth_compressing({"w": torch.randn(64, 64)})
+    assert storage.worth_compressing({"w": weight})
+
+
+def test_damaged_files_fail_with_one_line(tmp_path) -> None:
+    path = tmp_path / "m.dcz"
+    weight = torch.randn(64, 64)
+    weight[weight.abs() < 1] = 0
+    storage.write({"w": weight}, path)
+    blob = path.read_bytes()
+    cases = {"truncated": blob[: len(blob) // 2], "flipped": blob[:-20] + bytes([blob[-20] ^ 0xFF]) + blob[-19:],
+             "not ours": b"PK\x03\x04" + blob[4:], "empty": b""}
+    for label, data in cases.items():
+        path.write_bytes(data)
+        with pytest.raises(EffitrainError) as caught:
+            storage.read(path)
+        message = str(caught.value)
+        assert "\n" not in message and str(path) in message, label
+        assert any(word in message for word in ("damaged", "truncated", "not an effitrain")), (label, message)
+
+
+def test_clustering_a_pruned_layer_keeps_its_zeros_through_fine_tuning() -> None:
+    torch.manual_seed(0)
+    layer = nn.Linear(32, 16)
+    with torch.no_grad():
+        layer.weight[torch.rand(16, 32) < 0.8] = 0
+    zeros = layer.weight == 0
+    clustered = ClusteredWeight(layer, 16)
+    assert torch.equal(clustered.weight() == 0, zeros) and len(clustered.codebook) == 16
+    optimizer = torch.optim.SGD(clustered.parameters(), lr=0.5)
+    for _ in range(3):
+        clustered(torch.randn(8, 32)).pow(2).sum().backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    assert torch.equal(clustered.weight() == 0, zeros)  # the shared values moved, the zeros did not
+
+
+FRESH = """
+import json, sys, torch
+from pathlib import Path
+from effitrain.runs import load_run_model
+model, data = load_run_model(Path(sys.argv[1]), sys.argv[2])
+with torch.no_grad():
+    logits = torch.cat([model(inputs) for inputs, _ in data.test])
+torch.save(logits, sys.argv[3])
+"""
+
+
+def _fresh_logits(run_dir: Path, stage: str, out: Path) -> torch.Tensor:
+    done = subprocess.run([sys.executable, "-c", FRESH, str(run_dir), stage, str(out)], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    return torch.load(out)
+
+
+def test_prune_and_cluster_store_compressed_and_reload_bit_for_bit(workdir) -> None:
+    common = ["run", "recipe=deep_compression_digits", *TINY, "stage.pruned.trainer.max_epochs=2", "stage.clustered.trainer.max_epochs=1"]
+    compressed = run_cli(*common, "hydra.run.dir=packed", cwd=workdir, timeout=300)
+    assert compressed.returncode == 0, compressed.stderr[-2000:]
+    plain = run_cli(*common, "stage.pruned.storage=plain", "stage.clustered.storage=plain", "hydra.run.dir=plain", cwd=workdir, timeout=300)
+    assert plain.returncode == 0, plain.stderr[-2000:]
+    packed, flat = workdir / "packed", workdir / "plain"
+    assert sorted(path.name for path in (packed / "checkpoints").glob("0*")) == ["00_dense.safetensors", "01_pruned.dcz", "02_clustered.dcz"]
+    rows = {row["name"]: row["metrics"] for row in read_summary(packed)["stages"]}
+    plain_rows = {row["name"]: row["metrics"] for row in read_summary(flat)["stages"]}
+    for stage in ("pruned", "clustered"):
+        assert rows[stage]["size_bytes"] == (packed / "checkpoints" / f"0{1 if stage == 'pruned' else 2}_{stage}.dcz").stat().st_size
+        assert rows[stage]["size_bytes"] < 0.5 * plain_rows[stage]["size_bytes"]
+        assert rows[stage]["accuracy"] == plain_rows[stage]["accuracy"]
+        # a fresh process rebuilds the compressed model and computes exactly the plain one's logits
+        assert torch.equal(_fresh_logits(packed, stage, workdir / f"{stage}_packed.pt"), _fresh_logits(flat, stage, workdir / f"{stage}_plain.pt"))
+        predictions = json.loads((packed / "predictions" / f"{stage}.json").read_text())["predictions"]
+        assert torch.load(workdir / f"{stage}_packed.pt").argmax(1).tolist() == predictions
+    # a damaged compressed file: one line, exit 2, the folder left as it is
+    target = packed / "checkpoints" / "02_clustered.dcz"
+    target.write_bytes(target.read_bytes()[:100])
+    broken = run_cli("export", "packed:clustered", "--format", "torchscript", "-o", "c.pt", cwd=workdir, timeout=300)
+    assert broken.returncode == 2 and "Traceback" not in broken.stderr, broken.stderr[-2000:]
+    assert "02_clustered.dcz: damaged or truncated" in broken.stderr and len(broken.stderr.strip().splitlines()) == 1
+    assert not (workdir / "c.pt").exists()
+
+
+@pytest.mark.parametrize("override,message", [
+    ("stage.pruned.storage=zip", "stage.pruned.storage = 'zip' is not allowed (allowed: auto, compressed, plain)"),
+    ("stage.pruned.sparsity=0", "stage.pruned.storage = 'compressed' is not allowed (allowed: auto, plain (sparsity 0 prunes nothing: nothing sparse to store))"),
+])
+def test_storage_bad_input_is_one_line(workdir, override, message) -> None:
+    result = run_cli("run", "recipe=deep_compression_digits", *TINY, override, cwd=workdir)
+    assert_refused(result, message, workdir)
