@@ -123,6 +123,8 @@ def notes(metrics: dict[str, Any]) -> str:
         parts.append(metrics["compile"].split(";")[0])
     if metrics.get("backend"):
         parts.append(metrics["backend"])
+    if metrics.get("kernels"):
+        parts.append(metrics["kernels"])
     if gap := sparsity_gap(metrics):
         parts.append(gap)
     if metrics.get("churn") is not None:

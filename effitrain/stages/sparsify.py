@@ -1,0 +1,78 @@
+"""`sparsify`: run a pruned model's sparse Linear layers through CSR kernels where that is
+measured faster (`effitrain.prune.kernels`); the ledger row says what each layer measured."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, List
+
+from omegaconf import MISSING, DictConfig
+from torch import nn
+
+from effitrain.checkpoint import load_weights, saved_shapes
+from effitrain.errors import ConfigError, require
+from effitrain.layers import select_layers
+from effitrain.prune.kernels import apply_kernels, choose_kernels, layer_sparsity, restore_kernels
+from effitrain.stages.base import Context, FromSource, Prepared, StageResult
+
+log = logging.getLogger("effitrain")
+
+
+@dataclass
+class PreparedSparsify(Prepared):
+    """The model and the measurement batch its layers are timed on."""
+
+    example: Any
+
+
+@dataclass
+class Sparsify(FromSource):
+    """Per Linear layer with at least `min_sparsity` zeros: dense vs CSR, timed on the layer's
+    real input (the run's measurement batch), interleaved; CSR kept where >= 5% faster.
+
+    Fields:
+        min_sparsity: layers with fewer zeros are not tried (CSR loses well before that).
+        skip: module-name patterns left dense.
+        passes: timed calls per layer and kernel in each of `measure.rounds` rounds.
+    """
+
+    kind = "sparsify"
+    min_sparsity: float = MISSING
+    skip: List[str] = MISSING
+    passes: int = MISSING
+
+    def __post_init__(self) -> None:
+        require(0 <= self.min_sparsity < 1, "min_sparsity", self.min_sparsity, "a number in [0, 1)")
+        require(self.passes >= 1, "passes", self.passes, "an integer >= 1")
+
+    def check(self, cfg: DictConfig, name: str) -> None:
+        super().check(cfg, name)
+        from effitrain.precision import resolve_device
+
+        device = resolve_device(str(cfg.device))
+        if device.type != "cpu":
+            raise ConfigError(f"stage.{name}: sparse kernels are measured on the CPU only in this version; the run is on {device} "
+                              "(CUDA 2:4 semi-structured sparsity is not built yet; allowed: device=cpu, or leave the stage out)")
+
+    def prepare(self, model: nn.Module, ctx: Context) -> PreparedSparsify:
+        return PreparedSparsify(self.starting_model(model, ctx), ctx.example_batch(int(ctx.cfg.measure.batch_size)))
+
+    def run(self, name: str, prepared: PreparedSparsify, ctx: Context) -> StageResult:  # type: ignore[override]
+        model = prepared.model
+        candidates = select_layers(model, self.skip, f"stage.{name}.skip", (nn.Linear,), "run sparse")
+        sparse_enough = [layer for layer in candidates if layer_sparsity(model.get_submodule(layer)) >= self.min_sparsity]
+        measure = ctx.cfg.measure
+        choices = choose_kernels(model, prepared.example, sparse_enough, int(measure.rounds), self.passes, int(measure.warmup))
+        for choice in choices:
+            log.info("[%s] %s", name, choice.describe())
+        chosen = [choice.layer for choice in choices if choice.sparse]
+        apply_kernels(model, chosen)
+        summary = (f"csr in {len(chosen)} of {len(candidates)} Linear layers"
+                   + (f" ({len(candidates) - len(sparse_enough)} under {self.min_sparsity:.0%} zeros not tried)" if len(sparse_enough) < len(candidates) else ""))
+        return StageResult(model, {"kernels": summary, "kernel_choices": [choice.describe() for choice in choices]})
+
+    def load_model(self, prepared: PreparedSparsify, path: Path) -> nn.Module:  # type: ignore[override]
+        restore_kernels(prepared.model, saved_shapes(path))  # the layers the run chose, from the saved tensors
+        return load_weights(prepared.model, path)
