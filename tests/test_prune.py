@@ -279,7 +279,7 @@ def test_erk_reaches_the_global_target_exactly_and_favours_small_layers() -> Non
     assert low["small"] == 0.0 and abs(sum(low[n] * sizes[n] for n in shapes) / sum(sizes.values()) - 0.2) < 1e-9
     fixed = erk_sparsities(shapes, 0.5, {"head": 0.0}, "s")  # an override keeps its own and counts toward the total
     assert fixed["head"] == 0.0 and abs(sum(fixed[n] * sizes[n] for n in shapes) / sum(sizes.values()) - 0.5) < 1e-9
-    with pytest.raises(ConfigError, match=r"stage.p.sparsity = 0.95: unreachable with distribution 'erk'.*\(allowed: at most 0.0800"):
+    with pytest.raises(ConfigError, match=r"stage.p.sparsity = 0.95: unreachable with distribution 'erk': the layers.*\(allowed: at most 0.0800"):
         erk_sparsities(shapes, 0.95, {"big": 0.0}, "stage.p")
 
 
@@ -302,3 +302,16 @@ def test_old_run_folders_with_taylor_batches_still_build() -> None:
     node = {key: value for key, value in group_defaults("stage", "prune").items() if key != "saliency_batches"}
     stage = build_stage("p", OmegaConf.create({**node, "taylor_batches": 3, "trainer": {}, "optimizer": {}, "scheduler": {}}))
     assert stage.saliency_batches == 3
+
+
+def test_structured_obd_ranks_channels_by_the_fisher_weighted_squares() -> None:
+    model = cnn()
+    data = build_synthetic(num_samples=64, num_classes=4, input_shape=(1, 8, 8), batch_size=16)
+    batches = [(inputs, labels) for inputs, labels in data.train][:2]
+    loss = lambda m, x, y: nn.functional.cross_entropy(m(x), y)  # noqa: E731
+    before = {name: module.weight.shape[0] for name, module in model.named_modules() if isinstance(module, nn.Conv2d)}
+    prune_channels(model, batches[0][0][:2], 0.5, {name: None for name in prunable(model)}, "obd", "uniform", "s", batches, loss)
+    after = {name: module.weight.shape[0] for name, module in model.named_modules() if isinstance(module, nn.Conv2d)}
+    assert all(after[name] == before[name] // 2 for name in before)
+    assert all(p.grad is None for p in model.parameters())
+    assert model(batches[0][0]).shape == (16, 4)

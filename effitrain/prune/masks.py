@@ -166,7 +166,7 @@ def erk_sparsities(shapes: dict[str, tuple[int, ...]], sparsity: float, own: dic
     budget = (1 - sparsity) * total - sum((1 - value) * sizes[name] for name, value in fixed.items())
     reachable = sum(value * sizes[name] for name, value in fixed.items()) / total + sum(sizes[name] for name in free) / total
     if budget < 0:
-        raise ConfigError(f"{where}.sparsity = {sparsity}: unreachable with distribution 'erk', the layers the overrides fix keep "
+        raise ConfigError(f"{where}.sparsity = {sparsity}: unreachable with distribution 'erk': the layers the overrides fix keep "
                           f"too many weights (allowed: at most {reachable:.4f}, or lower overrides)")
     raw = {name: sum(shapes[name]) / sizes[name] for name in free}
     dense: set[str] = set()

@@ -20,6 +20,7 @@ from effitrain.prune.masks import (
     GRADIENT_SALIENCIES,
     apply_masks,
     check_saliency,
+    erk_sparsities,
     layer_sparsities,
     magnitude_masks,
     nm_masks,
@@ -125,6 +126,8 @@ class Prune(Stored, TrainingStage):
         where = f"stage.{name}"
         model = prepared.model
         own = layer_sparsities(list(prunable(model)), self.sparsity, self.overrides or {}, f"{where}.overrides")
+        if self.distribution == "erk":  # the final target, before any work (schedules reach it through lower ones)
+            erk_sparsities({layer: tuple(weight.shape) for layer, weight in prunable(model).items()}, self.sparsity, own, where)
         taylor = ([ctx.task.split(batch) for batch in itertools.islice(ctx.data.train, self.saliency_batches)]
                   if self.saliency in GRADIENT_SALIENCIES else None)
         if self.granularity == "structured":
