@@ -23,13 +23,21 @@ def save_weights(model: nn.Module, path: Path) -> None:
     atomic_write(path, lambda temporary: save_file(state, str(temporary)))
 
 
-def save_compressed(model: nn.Module, path: Path) -> Path:
+def save_compressed(model: nn.Module, path: Path, only_if_smaller: bool = False) -> Path | None:
     """Save `model`'s state dict in the Deep-Compression format (`effitrain.compress.storage`)
-    next to `path`, with its suffix; return the file written."""
+    next to `path`, with its suffix; return the file written.
+
+    Args:
+        only_if_smaller: write nothing and return None unless the encodings shrink the weights
+            to under 90% of their raw bytes (the model has sparse or shared weights).
+    """
     from effitrain.compress import storage
 
+    packed = storage.pack(_unshare(model.state_dict()))
+    if only_if_smaller and not packed.worth_it:
+        return None
     target = Path(path).with_suffix(storage.SUFFIX)
-    storage.write(_unshare(model.state_dict()), target)
+    storage.write(packed, target)
     return target
 
 

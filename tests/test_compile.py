@@ -108,6 +108,7 @@ def test_auto_probe_leaves_training_exactly_as_without_it(tmp_path, monkeypatch)
     # a stand-in compiler (the same module): the probe runs its steps, picks eager, and must leave no trace
     monkeypatch.setattr(compiling, "compiled_model", lambda module: module)
     monkeypatch.setattr(compiling, "MIN_FIT_S", 0)  # probe even this short fit
+    monkeypatch.setattr(compiling, "_time", lambda call, sync: call() or 1.0)  # equal timings: eager, whatever the machine does
     plain, _ = _fit(tmp_path / "a", False)
     probed, result = _fit(tmp_path / "b", "auto")
     assert result.compile is not None and result.compile.startswith("compile auto: eager; eager ")

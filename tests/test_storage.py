@@ -53,8 +53,8 @@ def test_file_size_shrinks_with_sparsity(tmp_path) -> None:
         storage.write({"w": weight}, tmp_path / f"{sparsity}.dcz")
         sizes.append((tmp_path / f"{sparsity}.dcz").stat().st_size)
     assert sizes == sorted(sizes, reverse=True) and sizes[2] < 0.2 * sizes[0]
-    assert not storage.worth_compressing({"w": torch.randn(64, 64)})
-    assert storage.worth_compressing({"w": weight})
+    assert not storage.pack({"w": torch.randn(64, 64)}).worth_it
+    assert storage.pack({"w": weight}).worth_it
 
 
 def test_damaged_files_fail_with_one_line(tmp_path) -> None:

@@ -28,6 +28,7 @@ import json
 import lzma
 import struct
 import zlib
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -93,7 +94,7 @@ def encode(flat: np.ndarray) -> tuple[str, dict[str, bytes], dict[str, Any]]:
     mask = np.packbits(nonzero).tobytes()
     if len(mask) + values.nbytes < len(raw):
         best = ("sparse", {"mask": mask, "values": _planes(values)}, {"nonzero": int(values.size)})
-    distinct = np.unique(values)
+    distinct = np.unique(values) if len(np.unique(values[:4096])) <= 256 else values[:0]  # a sample says whether sorting all is worth it
     if 0 < len(distinct) <= 256:
         bits = 4 if len(distinct) <= 16 else 8
         indices = np.searchsorted(distinct, values)
@@ -121,13 +122,30 @@ def decode(encoding: str, parts: dict[str, bytes], dtype: np.dtype, count: int, 
     return flat
 
 
-def write(state: dict[str, torch.Tensor], path: Path, metadata: dict[str, Any] | None = None) -> dict[str, int]:
-    """Write `state` to `path` atomically; return the bytes per encoding before LZMA (for reports)."""
+@dataclass
+class Packed:
+    """A state dict encoded tensor by tensor, before the LZMA stream: what `write` stores."""
+
+    entries: list[list[Any]]
+    body: bytes
+    raw_bytes: int  # the tensors' own bytes
+    counts: dict[str, int]  # bytes per encoding
+
+    @property
+    def worth_it(self) -> bool:
+        """The encodings shrink the state to under 90% of its raw bytes: it has sparse or shared weights."""
+        return len(self.body) < 0.9 * self.raw_bytes
+
+
+def pack(state: dict[str, torch.Tensor]) -> Packed:
+    """Encode every tensor of `state` in its smallest encoding."""
     payload = io.BytesIO()
     entries = []
     counts: dict[str, int] = {}
+    raw = 0
     for name, tensor in state.items():
         flat = _array(tensor)
+        raw += flat.nbytes
         encoding, parts, facts = encode(flat)
         for key in PARTS[encoding]:
             payload.write(parts[key])
@@ -135,13 +153,20 @@ def write(state: dict[str, torch.Tensor], path: Path, metadata: dict[str, Any] |
         # compact rows (the header is part of the file's size): name, dtype, shape, encoding, part lengths, facts
         entries.append([name, str(tensor.dtype).removeprefix("torch."), list(tensor.shape), encoding,
                         [len(parts[key]) for key in PARTS[encoding]], facts.get("nonzero", 0), facts.get("bits", 0)])
-    body = payload.getvalue()
-    header = json.dumps({"tensors": entries, "crc32": zlib.crc32(body), "size": len(body),
+    return Packed(entries, payload.getvalue(), raw, counts)
+
+
+def write(state: dict[str, torch.Tensor] | Packed, path: Path, metadata: dict[str, Any] | None = None) -> dict[str, int]:
+    """Write `state` (or what `pack` made of it) to `path` atomically; return the bytes per
+    encoding before LZMA (for reports)."""
+    packed = state if isinstance(state, Packed) else pack(state)
+    body = packed.body
+    header = json.dumps({"tensors": packed.entries, "crc32": zlib.crc32(body), "size": len(body),
                          **({"metadata": metadata} if metadata else {})}, separators=(",", ":")).encode()
     stream = lzma.compress(header + body, format=lzma.FORMAT_RAW, filters=FILTERS)
     blob = MAGIC + bytes([VERSION]) + struct.pack("<Q", len(header)) + stream
     atomic_write(path, lambda temporary: Path(temporary).write_bytes(blob))
-    return counts
+    return packed.counts
 
 
 def _open(path: Path) -> tuple[dict[str, Any], bytes]:
@@ -199,11 +224,3 @@ def shapes(path: Path) -> dict[str, tuple[int, ...]]:
     """Tensor name -> shape."""
     header, _ = _open(path)
     return {row[0]: tuple(row[2]) for row in header["tensors"]}
-
-
-def worth_compressing(state: dict[str, torch.Tensor], threshold: float = 0.9) -> bool:
-    """Whether the encodings (before zstd) bring the state to under `threshold` of its raw bytes:
-    the model has sparse or shared weights worth the format."""
-    raw = sum(_array(tensor).nbytes for tensor in state.values())
-    encoded = sum(sum(map(len, encode(_array(tensor))[1].values())) for tensor in state.values())
-    return encoded < threshold * raw

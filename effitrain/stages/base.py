@@ -185,16 +185,15 @@ class Stored(Stage):
         require_choice("storage", self.storage, STORAGES)
 
     def save_model(self, model: nn.Module, path: Path) -> Path:
-        from effitrain.compress import storage
-
         if self.storage == "plain":
             return super().save_model(model, path)
-        if not storage.worth_compressing(model.state_dict()):
-            if self.storage == "compressed":
-                raise ConfigError(f"storage = 'compressed': {type(model).__name__} has no sparse or shared weights to store "
-                                  "(allowed: auto, plain)")
-            return super().save_model(model, path)
-        return save_compressed(model, path)
+        written = save_compressed(model, path, only_if_smaller=True)
+        if written is not None:
+            return written
+        if self.storage == "compressed":
+            raise ConfigError(f"storage = 'compressed': {type(model).__name__} has no sparse or shared weights to store "
+                              "(allowed: auto, plain)")
+        return super().save_model(model, path)
 
 
 def build_stage(name: str, stage_cfg: DictConfig) -> Stage:
