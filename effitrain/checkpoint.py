@@ -29,11 +29,17 @@ def save_compressed(model: nn.Module, path: Path, only_if_smaller: bool = False)
 
     Args:
         only_if_smaller: write nothing and return None unless the encodings shrink the weights
-            to under 90% of their raw bytes (the model has sparse or shared weights).
+            to under 90% of their raw bytes (the model has sparse or shared weights) and every
+            tensor is one the format holds.
     """
     from effitrain.compress import storage
 
-    packed = storage.pack(_unshare(model.state_dict()))
+    try:
+        packed = storage.pack(_unshare(model.state_dict()))
+    except storage.StorageError:  # e.g. torch quantized tensors: they stay in the stage's own format
+        if only_if_smaller:
+            return None
+        raise
     if only_if_smaller and not packed.worth_it:
         return None
     target = Path(path).with_suffix(storage.SUFFIX)

@@ -189,6 +189,12 @@ def convert(model: nn.Module, steps: list[tuple[Backend, list[str]]], spec: Quan
     return model
 
 
+def whole_model_owner(model: nn.Module) -> Backend | None:
+    """The whole-model backend whose product `model` is (saved in its own format), or None."""
+    _load_builtin()
+    return next((backend for backend in BACKENDS.values() if backend.whole_model and backend.owns(model)), None)
+
+
 def save(choice: str, model: nn.Module, path: Path) -> Path:
     """Save a model quantized with the configured backend; return the file written.
 
@@ -196,8 +202,7 @@ def save(choice: str, model: nn.Module, path: Path) -> Path:
     backend's own format (its suffix) when it chose one.
     """
     if choice == AUTO:
-        _load_builtin()
-        owner = next((backend for backend in BACKENDS.values() if backend.whole_model and backend.owns(model)), None)
+        owner = whole_model_owner(model)
         if owner is not None:
             path = path.with_suffix(owner.suffix)
         (owner or Backend()).save(model, path)

@@ -129,9 +129,25 @@ class Stage:
         """File suffix of the saved model (a stage saving another format overrides it)."""
         return ".safetensors"
 
+    def compressible(self, model: nn.Module) -> bool:
+        """Whether `model` may go in the compressed format (a stage whose models can be in
+        another format, e.g. a traced torch.ao graph, says no for those)."""
+        return True
+
     def save_model(self, model: nn.Module, path: Path) -> Path:
-        """Save the stage's resulting model (its size is the ledger's size_bytes); return the
-        file written (`path`, or the same name with another suffix when the model needs it)."""
+        """Save the stage's resulting model (its size is the ledger's size_bytes): in the
+        Deep-Compression format (`effitrain.compress.storage`, same name, `.dcz`) when that
+        shrinks it, i.e. the model has sparse or shared weights, else `save_plain`. Return the
+        file written."""
+        if self.compressible(model):
+            written = save_compressed(model, path, only_if_smaller=True)
+            if written is not None:
+                return written
+        return self.save_plain(model, path)
+
+    def save_plain(self, model: nn.Module, path: Path) -> Path:
+        """Save the model in the stage's own format (safetensors); return the file written
+        (`path`, or the same name with another suffix when the model needs it)."""
         save_weights(model, path)
         return path
 
@@ -169,16 +185,16 @@ STORAGES = ("auto", "compressed", "plain")
 
 @dataclass
 class Stored(Stage):
-    """Mixin (list it before the other bases) for stages whose models hold sparse or shared
-    weights: they save them in the Deep-Compression format (`effitrain.compress.storage`).
+    """Mixin (list it before the other bases) for stages whose models usually hold sparse or
+    shared weights, with a say in how they are stored.
 
     Fields:
-        storage: auto (compressed when the encodings shrink the weights to under 90% of their
-            raw bytes, else safetensors) | compressed (refused for a model with nothing sparse
-            or shared) | plain (safetensors).
+        storage: auto (the Deep-Compression format when it shrinks the model, as every stage
+            does) | compressed (refused for a model with nothing sparse or shared) | plain
+            (the stage's own format).
     """
 
-    storage: str = MISSING
+    storage: str = "auto"  # default here as in the YAML, for run folders made before this field
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -186,13 +202,13 @@ class Stored(Stage):
 
     def save_model(self, model: nn.Module, path: Path) -> Path:
         if self.storage == "plain":
-            return super().save_model(model, path)
-        written = save_compressed(model, path, only_if_smaller=True)
-        if written is not None:
-            return written
+            return self.save_plain(model, path)
         if self.storage == "compressed":
-            raise ConfigError(f"storage = 'compressed': {type(model).__name__} has no sparse or shared weights to store "
-                              "(allowed: auto, plain)")
+            written = save_compressed(model, path, only_if_smaller=True) if self.compressible(model) else None
+            if written is None:
+                raise ConfigError(f"storage = 'compressed': {type(model).__name__} has no sparse or shared weights the format can hold "
+                                  "(allowed: auto, plain)")
+            return written
         return super().save_model(model, path)
 
 

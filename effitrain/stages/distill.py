@@ -69,8 +69,8 @@ class Distill(TrainingStage):
     alpha: float = MISSING
     features: List[Dict[str, Any]] = MISSING
     cache_teacher: bool = MISSING
-    vocab: str = MISSING
-    embedding_rank: Optional[int] = MISSING
+    vocab: str = "full"  # defaults here as in the YAML, for run folders made before these fields
+    embedding_rank: Optional[int] = None
 
     def __post_init__(self) -> None:
         require(bool(self.teachers), "teachers", self.teachers, "one or more teacher sources")

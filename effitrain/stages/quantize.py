@@ -25,7 +25,7 @@ from effitrain.quant.affine import SCHEMES, check_bits
 from effitrain.quant.backends import QUANTIZABLE, Calibration, QuantSpec
 from effitrain.quant.qat import FakeQuant, unwrap_fake_quant
 from effitrain.quant.x86 import OBSERVERS
-from effitrain.stages.base import Context, FromSource, Prepared, StageResult
+from effitrain.stages.base import Context, FromSource, Prepared, StageResult, Stored
 from effitrain.stages.train import TrainingStage, make_trainer
 
 log = logging.getLogger("effitrain")
@@ -106,8 +106,11 @@ class QuantSettings:
             steps = trials[prepared.choice].steps
         return backends.load(model, steps, self.spec(), Calibration(prepared.example), path)
 
-    def save_model(self, model: nn.Module, path: Path) -> Path:
+    def save_plain(self, model: nn.Module, path: Path) -> Path:
         return backends.save(self.backend, model, path)
+
+    def compressible(self, model: nn.Module) -> bool:
+        return backends.whole_model_owner(model) is None  # torch.ao static graphs keep torch.save
 
     @property
     def model_suffix(self) -> str:
@@ -115,10 +118,12 @@ class QuantSettings:
 
 
 @dataclass
-class Quantize(QuantSettings, FromSource):
+class Quantize(Stored, QuantSettings, FromSource):
     """Post-training quantization.
 
     Fields:
+        storage: auto | compressed | plain (see `Stored`): a quantized model of a pruned one is
+            saved with its zeros compressed (torch.ao static graphs keep torch.save).
         calibration_batches: x86_static: training batches the observers see (>= 1).
         observer: x86_static: activation range observer, minmax | moving_average | histogram.
         max_drop: auto: the largest loss of the validation headline metric a candidate may have
@@ -136,6 +141,7 @@ class Quantize(QuantSettings, FromSource):
         return QuantSpec(self.bits, self.scheme, self.granularity == "per_channel", self.observer, self.calibration_batches)
 
     def __post_init__(self) -> None:
+        super().__post_init__()
         self.check_quant()
         require_choice("observer", self.observer, OBSERVERS)
         require(isinstance(self.max_drop, (int, float)) and self.max_drop >= 0, "max_drop", self.max_drop, "a number >= 0 (in the task's headline metric)")
