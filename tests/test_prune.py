@@ -283,8 +283,9 @@ def test_erk_reaches_the_global_target_exactly_and_favours_small_layers() -> Non
         erk_sparsities(shapes, 0.95, {"big": 0.0}, "stage.p")
 
 
-def test_erk_with_every_schedule_through_the_cli(workdir: Path) -> None:
-    for schedule_name in ("oneshot", "gradual", "rigl"):
+def test_erk_with_a_schedule_through_the_cli(workdir: Path) -> None:
+    # gradual asks for ERK masks at every intermediate target; oneshot/rigl use the same masks once
+    for schedule_name in ("gradual",):
         result = run_cli("run", "recipe=prune_gradual_digits", *TINY, "stage.dense.trainer.max_epochs=1", "stage.pruned.distribution=erk",
                          f"stage.pruned.schedule={schedule_name}", "stage.pruned.saliency=obd", "stage.pruned.saliency_batches=1",
                          f"hydra.run.dir=erk_{schedule_name}", cwd=workdir)
