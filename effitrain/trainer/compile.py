@@ -73,6 +73,12 @@ def compiled_model(model: nn.Module) -> nn.Module:
     return torch.compile(model)  # type: ignore[return-value]
 
 
+def _reason(error: Exception, limit: int) -> str:
+    """'Type: first non-empty line' of an error, cut at `limit` characters."""
+    first = next((line for line in str(error).splitlines() if line.strip()), "")
+    return f"{type(error).__name__}: {first[:limit]}"
+
+
 def _time(call: Callable[[], None], sync: Callable[[], None]) -> float:
     started = time.perf_counter()
     call()
@@ -100,9 +106,7 @@ def probe(step: Callable[[nn.Module], None], model: nn.Module, rounds: int = ROU
         compiled = (compile_model or compiled_model)(model)
         compile_ms = _time(lambda: step(compiled), sync)  # the first call compiles
     except Exception as error:  # dynamo/inductor raise many kinds: the probe reports, the run goes on eager
-        first = next((line for line in str(error).splitlines() if line.strip()), type(error).__name__)
-        return Probe(eager_ms=statistics.median(_time(lambda: step(model), sync) for _ in range(rounds)),
-                     error=f"{type(error).__name__}: {first[:160]}"), None
+        return Probe(eager_ms=statistics.median(_time(lambda: step(model), sync) for _ in range(rounds)), error=_reason(error, 160)), None
     eager, fast = [], []
     for _ in range(rounds):
         eager.append(_time(lambda: step(model), sync))
@@ -136,6 +140,5 @@ def training_model(setting: Any, model: nn.Module, step: Callable[[nn.Module], N
 
 def first_step_failed(error: Exception, stage: str) -> TrainingError:
     """`compile: true` and torch.compile could not build the model: one line, a way out."""
-    first = next((line for line in str(error).splitlines() if line.strip()), type(error).__name__)
-    return TrainingError(f"[{stage}] trainer.compile = true: torch.compile failed on this model ({type(error).__name__}: {first[:200]}) "
+    return TrainingError(f"[{stage}] trainer.compile = true: torch.compile failed on this model ({_reason(error, 200)}) "
                          "(allowed: trainer.compile=false, or auto to fall back by itself)")
