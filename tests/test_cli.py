@@ -65,6 +65,19 @@ def test_multirun_sweep_with_flag_after_overrides(workdir: Path) -> None:
     assert [read_summary(job)["seed"] for job in jobs] == [1, 2]
 
 
+def test_hydra_joblib_launcher_runs_the_sweep_in_one_folder(workdir: Path) -> None:
+    """Hydra's own joblib launcher, as a new user would pick it: its workers resolve the run
+    config in other processes (no Hydra config there yet) and must land in the launcher's folder."""
+    result = run_cli("run", *TINY, "trainer.max_epochs=1", "-m", "seed=1,2", "hydra/launcher=joblib", "hydra.launcher.n_jobs=2",
+                     cwd=workdir, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    (sweep,) = (workdir / "multirun").glob("*/*")
+    jobs = sorted(path for path in sweep.iterdir() if path.is_dir())
+    assert [job.name for job in jobs] == ["0", "1"]
+    assert sorted(read_summary(job)["seed"] for job in jobs) == [1, 2]
+    assert all(read_summary(job)["status"] == "completed" for job in jobs)
+
+
 def test_show_composes_without_running_or_importing_torch(workdir: Path) -> None:
     result = run_cli("show", "recipe=baseline", "precision=bf16", "optimizer.lr=0.01", cwd=workdir)
     assert result.returncode == 0, result.stderr

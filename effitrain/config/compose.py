@@ -48,7 +48,10 @@ def objective_directions(objectives: list) -> str | list[str]:
 def register_resolvers() -> None:
     """Register effitrain's OmegaConf resolvers (idempotent)."""
     if not OmegaConf.has_resolver("effitrain_unique"):
-        OmegaConf.register_new_resolver("effitrain_unique", unique_dir)
+        # use_cache: the resolved folder is kept in the config itself, which Hydra copies into every
+        # sweep job's config (copy_cache) and launchers pickle into their worker processes, so a
+        # joblib/submitit job resolves the sweep folder its launcher made instead of a new _2
+        OmegaConf.register_new_resolver("effitrain_unique", unique_dir, use_cache=True)
     if not OmegaConf.has_resolver("effitrain_directions"):
         OmegaConf.register_new_resolver("effitrain_directions", objective_directions)
 
