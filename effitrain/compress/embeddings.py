@@ -23,6 +23,7 @@ import torch
 from torch import Tensor, nn
 
 from effitrain.errors import ConfigError
+from effitrain.layers import replace_layers
 
 REMAP_DTYPE = torch.int32  # half the bytes of int64; embedding lookups and ONNX Gather take int32 ids
 
@@ -73,13 +74,6 @@ def input_embeddings(model: nn.Module, where: str) -> tuple[str, nn.Module]:
     return name, module
 
 
-def _swap(model: nn.Module, name: str, module: nn.Module) -> None:
-    """Put `module` in place of the word embeddings (the model still takes the same token ids,
-    so a transformers config's vocab_size stays as it is)."""
-    parent_name, _, attribute = name.rpartition(".")
-    setattr(model.get_submodule(parent_name) if parent_name else model, attribute, module)
-
-
 def token_ids(batches: Iterable[Any], where: str) -> Tensor:
     """The sorted distinct token ids of a loader's inputs ({"input_ids": ...} batches).
 
@@ -120,7 +114,8 @@ def trim_vocabulary(model: nn.Module, keep: Iterable[int], unk_id: int, where: s
     with torch.no_grad():
         rows.weight.copy_(embedding.weight.detach()[ids.to(embedding.weight.device)])
     rows.to(embedding.weight.device)
-    _swap(model, name, TrimmedEmbedding(rows, remap).to(embedding.weight.device))
+    # the model still takes the same token ids, so a transformers config's vocab_size stays as it is
+    replace_layers(model, [name], lambda _: TrimmedEmbedding(rows, remap).to(embedding.weight.device))
     return {"vocab_kept": len(ids), "vocab_size": vocabulary}
 
 
@@ -156,7 +151,7 @@ def factorize_embeddings(model: nn.Module, rank: int, where: str) -> dict[str, A
     if isinstance(module, TrimmedEmbedding):
         module.rows = factorized(table, rank)
     else:
-        _swap(model, name, factorized(table, rank))
+        replace_layers(model, [name], lambda _: factorized(table, rank))
     return {"embedding_rank": rank}
 
 

@@ -10,7 +10,6 @@ CSR only where it is at least `MIN_SPEEDUP` faster.
 
 from __future__ import annotations
 
-import logging
 import warnings
 from dataclasses import dataclass
 from typing import Any
@@ -19,9 +18,8 @@ import torch
 from torch import Tensor, nn
 
 from effitrain.batch import forward
+from effitrain.layers import replace_layers
 from effitrain.retime import interleaved
-
-log = logging.getLogger("effitrain")
 
 MIN_SPEEDUP = 1.05
 
@@ -47,8 +45,7 @@ class SparseLinear(nn.Module):
         self.register_buffer("crow_indices", crow.clone())
         self.register_buffer("col_indices", col.clone())
         self.register_buffer("values", values.clone())
-        self.bias = nn.Parameter(layer.bias.detach().clone()) if layer is not None and layer.bias is not None else (
-            nn.Parameter(torch.zeros(shape[0])) if layer is None and bias else None)
+        self.bias = nn.Parameter(layer.bias.detach().clone() if layer is not None else torch.zeros(shape[0])) if bias else None
 
     @property
     def in_features(self) -> int:
@@ -144,15 +141,11 @@ def choose_kernels(model: nn.Module, example: Any, names: list[str], rounds: int
 
 def apply_kernels(model: nn.Module, names: list[str]) -> nn.Module:
     """Replace the named Linear layers by SparseLinear, in place."""
-    from effitrain.layers import replace_layers
-
     return replace_layers(model, names, lambda layer: SparseLinear(layer))
 
 
 def restore_kernels(model: nn.Module, saved: dict[str, tuple[int, ...]]) -> nn.Module:
     """Give `model` the SparseLinear layers a saved state has (from its tensor shapes)."""
-    from effitrain.layers import replace_layers
-
     modules = dict(model.named_modules())
     layers = {key[: -len(".col_indices")]: shape[0] for key, shape in saved.items() if key.endswith(".col_indices")}
     for name, nonzero in layers.items():
