@@ -76,12 +76,72 @@ def precheck(args: list[str], resuming: bool = False) -> None:
 def launch(args: list[str], resuming: bool = False) -> None:
     """Hand `args` to the Hydra entry point, after the pre-run check."""
     args = [arg for arg in args if arg in _MULTIRUN] + [arg for arg in args if arg not in _MULTIRUN]
+    from effitrain.parallel.launch import torchrun_world
+
+    if torchrun_world():
+        _launch_ranks(args, resuming)
+        return
     if not any(arg.split("=")[0] in _PASS_THROUGH for arg in args):
         _guard(lambda: precheck(args, resuming))
     from effitrain.app import main
 
     sys.argv = ["effitrain", *args]
     main()
+
+
+def _launch_ranks(args: list[str], resuming: bool) -> None:
+    """One rank of a run torchrun started: every rank joins the process group; rank 0 checks the
+    config, makes the one run folder and hands both to the others, which never start Hydra."""
+    import os
+
+    from effitrain.parallel import launch as ranks
+    from effitrain.parallel.world import stop
+
+    rank = int(os.environ["RANK"])
+    if any(arg in _MULTIRUN for arg in args) or any(arg.split("=")[0] in _PASS_THROUGH for arg in args):
+        if rank == 0:
+            _fail("-m/--multirun and Hydra's own flags do not run under torchrun, which starts one run on many processes "
+                  "(allowed: a single run; sweep with hydra/launcher=..., each job with trainer.devices=N)")
+        raise typer.Exit(2)
+    settings, device = _process_settings(args)
+    _guard(lambda: ranks.join_torchrun(settings, device))
+    try:
+        if rank != 0:
+            raise typer.Exit(ranks.follow())
+        try:
+            precheck(args, resuming)
+        except EffitrainError as error:
+            ranks.hand_out(None, None, None, str(error))
+            _fail(str(error))
+        from effitrain.app import main
+
+        sys.argv = ["effitrain", *args]
+        try:
+            main()
+        finally:
+            if not ranks.handed_out():  # Hydra stopped before the run began: the others end too
+                ranks.hand_out(None, None, None, "rank 0 did not start the run")
+    finally:
+        stop()
+
+
+def _process_settings(args: list[str]) -> tuple[Any, Any]:
+    """The trainer's process settings and the device, read leniently from the composed config
+    before any check (rank 0's pre-run check reports what is wrong with them)."""
+    import torch
+    from omegaconf import OmegaConf
+
+    from effitrain.config.compose import compose
+    from effitrain.config.schema import TrainerConfig
+
+    try:
+        cfg = compose(args)
+        node = OmegaConf.merge(OmegaConf.structured(TrainerConfig), cfg.trainer)
+        device = str(cfg.device)
+    except Exception:  # rank 0's check says what is wrong; join with defaults meanwhile
+        node, device = OmegaConf.create({"devices": 1, "dist_backend": "auto", "dist_timeout_s": 1800.0}), "auto"
+    cuda = torch.cuda.is_available() and device != "cpu"
+    return node, torch.device("cuda" if cuda else "cpu")
 
 
 @app.command(context_settings=_FORWARD)
@@ -188,7 +248,7 @@ def _show_schedule(args: list[str], output: Optional[Path]) -> None:
     for position, (stage, kind, fit) in enumerate(fits, start=1):
         steps = len(fit.lr)
         console.print(f"[{position}/{len(fits)} {fit.name}] {kind}: {steps:,} optimizer steps "
-                      f"({fit.epochs} epochs x {fit.steps_per_epoch} steps of {fit.batches} batches)", markup=False, highlight=False)
+                      f"({fit.epochs} epochs x {fit.steps_per_epoch} steps, one per global batch)", markup=False, highlight=False)
         table = Table()
         table.add_column("step", justify="right")
         table.add_column("epoch", justify="right")

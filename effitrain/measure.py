@@ -80,17 +80,24 @@ def measure(
     warmup: int,
     repeats: int,
     threads: int | None,
+    task_metrics: bool = True,
 ) -> dict[str, Any]:
     """Measure one ledger row for `model`, whose saved file is `model_file`.
+
+    Args:
+        task_metrics: score the task on test and validation (false for a model that is not a
+            finished classifier yet, e.g. after pre-training).
 
     Returns:
         The task's test metrics (e.g. accuracy, loss), the same on validation as val_<metric>,
         params, nonzero_params, sparsity, size_bytes, latency_ms, latency_batch; and, apart
         from the row, "labels"/"predictions" on the test split when the task predicts labels.
     """
-    scores = task.evaluate(model, test_loader, precision, keep_predictions=True)
-    with torch.random.fork_rng(devices=[]):  # an extra pass must not move the RNG the next stages train with
-        validation = task.evaluate(model, val_loader, precision)
+    scores, validation = {}, {}
+    if task_metrics:
+        scores = task.evaluate(model, test_loader, precision, keep_predictions=True)
+        with torch.random.fork_rng(devices=[]):  # an extra pass must not move the RNG the next stages train with
+            validation = task.evaluate(model, val_loader, precision)
     params, nonzero = count_parameters(model)
     return {
         **scores,

@@ -18,12 +18,14 @@ from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
 from effitrain.config.schema import validate
-from effitrain.errors import ConfigError, EffitrainError, require
+from effitrain.errors import ConfigError, EffitrainError, TrainingError, require
 from effitrain.measure import measure
 from effitrain.precision import PrecisionPolicy, build_precision, resolve_device
 from effitrain.predictions import write_predictions
 from effitrain.ledger import Ledger, ledger_table, render_text
 from effitrain.runlog import RunLogger
+from effitrain.parallel import world as parallel
+from effitrain.runfiles import read_summary, write_json
 from effitrain.runs import load_run_model, replay
 from effitrain.stages.base import Context, Prepared, Stage, StageResult, build_model, build_stage
 from effitrain.tasks import Task
@@ -59,11 +61,52 @@ class RunPlan:
 
 
 def precision_from_config(cfg: DictConfig) -> PrecisionPolicy:
-    """Resolve `cfg.device` and build the `cfg.precision` policy on it (ConfigError if impossible)."""
+    """Resolve `cfg.device` (in a multi-process CUDA run: this process's GPU) and build the
+    `cfg.precision` policy on it (ConfigError if impossible)."""
     settings = cfg.precision
-    return build_precision(
-        settings.policy, resolve_device(cfg.device), settings.init_scale, settings.growth_interval, settings.max_skipped_steps
-    )
+    device = resolve_device(cfg.device)
+    world = parallel.current()
+    if device.type == "cuda" and world.distributed:
+        device = torch.device("cuda", world.local_rank)
+    return build_precision(settings.policy, device, settings.init_scale, settings.growth_interval, settings.max_skipped_steps)
+
+
+def check_processes(cfg: DictConfig, device: torch.device) -> None:
+    """`trainer.devices` and its settings fit this machine, the data and every stage's
+    accumulation (checked before any process starts).
+
+    Raises:
+        ConfigError: the first problem found.
+    """
+    from effitrain.parallel.batches import check_divides
+    from effitrain.parallel.launch import check_port
+
+    settings = cfg.trainer
+    devices = int(settings.devices)
+    backend = parallel.choose_backend(settings.dist_backend, device)
+    if backend == "nccl" and device.type != "cuda":
+        raise ConfigError(f"trainer.dist_backend = 'nccl' needs CUDA devices; this run is on {device} (allowed here: gloo, auto)")
+    if devices > 1 and device.type == "cuda":
+        if device.index is not None:
+            raise ConfigError(f"device = {cfg.device!r} names one GPU, and trainer.devices = {devices} needs {devices} "
+                              "(allowed: device=cuda or auto, one process per GPU; or trainer.devices=1)")
+        if devices > torch.cuda.device_count():
+            raise ConfigError(f"trainer.devices = {devices}: only {torch.cuda.device_count()} CUDA device(s) here "
+                              f"(allowed: 1..{torch.cuda.device_count()})")
+    world = parallel.current()
+    processes = world.size if world.distributed else devices
+    batch = cfg.data.get("batch_size")
+    if isinstance(batch, int) and batch > 0:
+        accums = {("trainer.grad_accum_steps", int(settings.grad_accum_steps))}
+        for name, stage in cfg.stage.items():
+            accum = ((stage.get("trainer") or {}).get("grad_accum_steps"))
+            if accum is not None:
+                accums.add((f"stage.{name}.trainer.grad_accum_steps", int(accum)))
+        for where, accum in sorted(accums):
+            if processes > 1 or accum > 1:
+                check_divides(batch, processes, accum, "data.batch_size")
+    if devices > 1 and not world.distributed:
+        check_port(settings.dist_port)
 
 
 def build_task(node: DictConfig) -> Task:
@@ -93,6 +136,15 @@ def _check_metrics(cfg: DictConfig, task: Task) -> None:
         require(objective.metric in allowed, f"objective[{index}].metric", objective.metric, ", ".join(allowed))
 
 
+def _check_objective_stages(cfg: DictConfig, stages: dict[str, Stage]) -> None:
+    """An objective on a task metric must name a stage whose row has one."""
+    for index, objective in enumerate(cfg.objective):
+        name = objective.stage if objective.stage is not None else list(stages)[-1]
+        if objective.metric not in COST_METRICS and not stages[name].reports_task_metrics:
+            raise ConfigError(f"objective[{index}].metric = {objective.metric!r}: stage {name!r} ({stages[name].kind}) has no task "
+                              "metrics in its row (allowed: a later stage, e.g. objective.0.stage=NAME, or a cost metric)")
+
+
 def _check_runtime(cfg: DictConfig) -> None:
     """`measure.runtime: onnxruntime` needs the deploy extra."""
     if cfg.measure.runtime != "onnxruntime":
@@ -115,13 +167,16 @@ def make_plan(cfg: DictConfig) -> RunPlan:
     typed = validate(cfg)
     task = build_task(typed.task)
     _check_metrics(typed, task)
+    check_data_options(typed, task)
     _check_runtime(typed)
     stages = {}
     for name, stage_cfg in typed.stage.items():
         stage = build_stage(str(name), stage_cfg)
         stage.check(typed, str(name))
         stages[str(name)] = stage
+    _check_objective_stages(typed, stages)
     precision = precision_from_config(typed)
+    check_processes(typed, precision.device)
     check_compiler(typed.trainer.compile, precision.device)
     for name, stage in stages.items():
         override = (getattr(stage, "trainer", None) or {}).get("compile")
@@ -175,9 +230,15 @@ def _initial_model(plan: RunPlan) -> nn.Module:
 
 
 def build_data(cfg: DictConfig) -> Any:
-    """Instantiate the `data` config into a DataBundle, with one-line errors."""
+    """Instantiate the `data` config into a DataBundle, with one-line errors; then apply the data
+    options effitrain owns for every builder: `label_fraction` (a stratified, seeded subset of
+    the training labels) and `mix` (Mixup/CutMix on training batches)."""
+    from effitrain.data.labels import keep_labels
+    from effitrain.data.mixing import check_mix, mix_loader
+
+    node = OmegaConf.masked_copy(cfg.data, [key for key in cfg.data if key not in DATA_OPTIONS])
     try:
-        return instantiate(cfg.data, _convert_="all")
+        bundle = instantiate(node, _convert_="all")
     except EffitrainError:
         raise
     except Exception as error:  # instantiate wraps what the builder raises
@@ -185,6 +246,39 @@ def build_data(cfg: DictConfig) -> Any:
         if isinstance(cause, EffitrainError):
             raise cause from None
         raise ConfigError(f"data: cannot build {cfg.data.get('_target_')!r} ({str(cause).splitlines()[0]})") from None
+    fraction = cfg.data.get("label_fraction")
+    if fraction is not None and fraction != 1:
+        bundle = keep_labels(bundle, float(fraction), int(cfg.data.get("split_seed", 0)))
+    mix = check_mix(OmegaConf.to_container(cfg.data.mix) if cfg.data.get("mix") else None)
+    if mix is not None:
+        bundle.train = mix_loader(bundle.train, mix, bundle.num_classes)
+    return bundle
+
+
+DATA_OPTIONS = ("mix", "label_fraction")  # data keys effitrain applies to whatever the builder returns
+
+
+def check_data_options(cfg: DictConfig, task: Task) -> None:
+    """`data.mix` and `data.label_fraction` fit the data and the task (before any work).
+
+    Raises:
+        ConfigError: the first problem found.
+    """
+    from effitrain.data.mixing import check_mix
+    from effitrain.tasks import Classification
+
+    fraction = cfg.data.get("label_fraction")
+    if fraction is not None and not (isinstance(fraction, (int, float)) and not isinstance(fraction, bool) and 0 < fraction <= 1):
+        raise ConfigError(f"data.label_fraction = {fraction!r} is not allowed (allowed: a fraction in (0, 1])")
+    mix = check_mix(OmegaConf.to_container(cfg.data.mix) if cfg.data.get("mix") else None)
+    if mix is None:
+        return
+    if cfg.data.get("tokenizer"):
+        raise ConfigError(f"data.mix = {mix['kind']!r}: Mixup and CutMix mix images; data {cfg.data.get('_target_')!r} is text "
+                          "(allowed: data.mix=null)")
+    if not isinstance(task, Classification):
+        raise ConfigError(f"data.mix = {mix['kind']!r}: mixing makes soft class targets, and the task {task.name} is not a "
+                          "classification (allowed: data.mix=null)")
 
 
 def planned_schedule(cfg: DictConfig) -> list[tuple[str, str, Any]]:
@@ -235,8 +329,12 @@ def final_retime(plan: RunPlan, data: Any, run_dir: Path, ledger: Ledger, exampl
              ", ".join(f"{name} {value:.3f} ms" for name, value in latencies.items()))
 
 
-def run(cfg: DictConfig, run_dir: Path, recipe: str) -> float | tuple[float, ...]:
-    """Run the recipe's stages in order inside `run_dir`.
+def run(cfg: DictConfig, run_dir: Path, recipe: str) -> float | tuple[float, ...] | None:
+    """Run the recipe's stages in order inside `run_dir` (the Hydra job's entry).
+
+    With `trainer.devices` > 1 this process starts that many workers and waits for them; inside a
+    SLURM/submitit job of several tasks every task joins the run as one process; under torchrun,
+    rank 0 hands the config and folder to the other ranks first.
 
     Args:
         cfg: the composed config.
@@ -244,21 +342,104 @@ def run(cfg: DictConfig, run_dir: Path, recipe: str) -> float | tuple[float, ...
         recipe: the recipe's name, for the ledger.
 
     Returns:
-        The objective for sweepers: one value, or a tuple when `objective` lists several.
+        The objective for sweepers: one value, or a tuple when `objective` lists several (None
+        on processes other than rank 0).
 
     Raises:
         EffitrainError: a problem the user can act on; the ledger is marked failed first.
     """
+    from effitrain.parallel import launch
+
     plan = _PLANS.pop(_key(cfg), None) or make_plan(cfg)
+    world = parallel.current()
+    if not world.distributed and launch.join_submitit(plan.cfg.trainer, plan.precision.device):
+        plan = make_plan(plan.cfg)  # again, on this task's device
+        world = parallel.current()
+    if world.launcher == "torchrun" and world.main:
+        launch.hand_out(OmegaConf.to_yaml(plan.cfg), str(run_dir), recipe)
+    if world.distributed or plan.cfg.trainer.devices == 1:
+        return run_stages(plan, run_dir, recipe)
+    return run_workers(plan, run_dir, recipe)
+
+
+def run_workers(plan: RunPlan, run_dir: Path, recipe: str) -> float | tuple[float, ...]:
+    """`trainer.devices` processes on this machine (torch's elastic agent), each running the
+    stages as one rank; returns the objective rank 0 wrote into the ledger."""
+    from hydra.core.hydra_config import HydraConfig
+
+    from effitrain.parallel import launch
+
+    settings = plan.cfg.trainer
+    backend = parallel.choose_backend(settings.dist_backend, plan.precision.device)
+    log.info("effitrain: recipe %s on %d processes (%s)", recipe, settings.devices, backend)
+    logging_config = OmegaConf.to_container(HydraConfig.get().job_logging, resolve=True) if HydraConfig.initialized() else None
+    job = launch.Job(OmegaConf.to_yaml(plan.cfg), str(run_dir), recipe, logging_config, parallel.current().threads_alone)  # type: ignore[arg-type]
+    try:
+        launch.launch_workers(job, int(settings.devices), settings.dist_port, backend, float(settings.dist_timeout_s))
+    except EffitrainError as error:
+        mark_failed(run_dir, str(error))
+        raise
+    summary = read_summary(run_dir)
+    values = tuple(summary.get("objective", {}).values())
+    return values[0] if len(values) == 1 else values
+
+
+def mark_failed(run_dir: Path, message: str) -> None:
+    """Mark a run's ledger failed after its processes ended (rank 0 may have been stopped
+    before it could); a completed or already failed ledger keeps its own status."""
+    path = run_dir / "summary.json"
+    if not path.is_file():
+        return
+    summary = read_summary(run_dir)
+    if summary.get("status") == "running" or summary.get("error", "").startswith("stopped by signal"):
+        write_json(path, {**summary, "status": "failed", "error": message})
+
+
+def _timed_out(error: BaseException, cfg: DictConfig) -> str | None:
+    """The one line for a collective that gave up waiting (gloo and NCCL word it differently)."""
+    text = str(error)
+    if not isinstance(error, RuntimeError) or "timed out" not in text.lower():
+        return None
+    detail = next((line.strip() for line in text.splitlines() if "timed out" in line.lower()), text)
+    return (f"waited trainer.dist_timeout_s = {cfg.trainer.dist_timeout_s:g} s for the other processes of the run, which stopped "
+            f"answering (a process hung or was stopped; {detail.split('] ')[-1][:160]})")
+
+
+class NullLogger:
+    """The metrics sink of processes other than rank 0: rank 0 alone writes metrics.jsonl and tb/."""
+
+    def log(self, stage: str, step: int, metrics: dict[str, Any], **fields: Any) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+def run_stages(plan: RunPlan, run_dir: Path, recipe: str) -> float | tuple[float, ...] | None:
+    """Run the plan's stages as this process: the whole run on one process, or one rank of many.
+
+    Rank 0 keeps the ledger, the logs, the checkpoints and the measurements. Stages that train
+    run on every rank (DDP inside the trainer); a stage that only measures or converts
+    (`Stage.on_every_rank` false: evaluate, quantize, sparsify) runs on rank 0 while the others
+    wait, then they load what it saved, as a resumed run loads a completed stage.
+    """
     cfg, task, precision = plan.cfg, plan.task, plan.precision
+    world = parallel.current()
     seed_everything(cfg.seed)
     device = precision.device
-    log.info("effitrain: recipe %s on %s, precision %s (%s)", recipe, device, precision.used, precision.why)
+    if world.main:
+        log.info("effitrain: recipe %s on %s, precision %s (%s)%s", recipe, device, precision.used, precision.why,
+                 f"; {world.describe()}" if world.distributed else "")
     header = {"recipe": recipe, "device": str(device), "precision": precision.as_dict(), "seed": cfg.seed,
-              "task": task.name, "headline": task.headline, "directions": dict(task.metrics)}
-    ledger = Ledger.resume(run_dir / "summary.json", header) if cfg.resume else Ledger(run_dir / "summary.json", header)
-    ledger.write()
-    logger = RunLogger(run_dir)
+              "task": task.name, "headline": task.headline, "directions": dict(task.metrics),
+              **({"processes": world.size, "dist_backend": world.backend, "launcher": world.launcher} if world.distributed else {})}
+    ledger = None
+    if world.main:
+        ledger = Ledger.resume(run_dir / "summary.json", header) if cfg.resume else Ledger(run_dir / "summary.json", header)
+        ledger.write()
+    parallel.barrier()  # the others read which stages a resumed run completed
+    completed = ledger.completed if ledger is not None else ({row["name"] for row in read_summary(run_dir)["stages"]} if cfg.resume else set())
+    logger: Any = RunLogger(run_dir) if world.main else NullLogger()
     try:
         data = build_data(cfg)
         ctx = Context(cfg=cfg, precision=precision, data=data, task=task, run_dir=run_dir, logger=logger, resume=bool(cfg.resume),
@@ -272,10 +453,17 @@ def run(cfg: DictConfig, run_dir: Path, recipe: str) -> float | tuple[float, ...
             if not isinstance(result, StageResult):
                 raise ConfigError(f"stage.{name}: {type(stage).__name__}.run returned {type(result).__name__} "
                                   "(allowed: effitrain.stages.StageResult(model, metrics))")
-            seconds = time.perf_counter() - started
+            if world.main:
+                record(name, stage, result, time.perf_counter() - started, saved)
+            parallel.barrier()  # rank 0 saved and measured; processes that did not run the stage load its file
+            return result.model
+
+        def record(name: str, stage: Stage, result: StageResult, seconds: float, saved: Path) -> None:
+            """Rank 0: save the stage's model, measure it, add its ledger row."""
+            assert ledger is not None
             saved = stage.save_model(result.model, saved) or saved  # a stage may pick the suffix its model needs
-            metrics = measure(result.model, task, data.test, data.val, example, precision, saved,
-                              warmup=cfg.measure.warmup, repeats=cfg.measure.repeats, threads=cfg.measure.threads)
+            metrics = measure(result.model, task, data.test, data.val, example, precision, saved, warmup=cfg.measure.warmup,
+                              repeats=cfg.measure.repeats, threads=cfg.measure.threads, task_metrics=stage.reports_task_metrics)
             if cfg.measure.runtime == "onnxruntime":  # the latency a deployment in ONNX Runtime gets; torch's kept beside it
                 from effitrain.export.ort import onnxruntime_latency
 
@@ -286,21 +474,27 @@ def run(cfg: DictConfig, run_dir: Path, recipe: str) -> float | tuple[float, ...
             if predictions is not None:
                 write_predictions(run_dir / "predictions" / f"{name}.json", labels, predictions)
             ledger.add(name, stage.kind, {**metrics, "seconds": seconds, **result.metrics})
-            log.info("[%s] test %s %.4f, %d params, %.3f ms/batch", name, task.headline, metrics.get(task.headline, float("nan")),
-                     metrics["params"], metrics["latency_ms"])
-            return result.model
+            headline = f"test {task.headline} {metrics[task.headline]:.4f}" if task.headline in metrics else "no task metrics (not a classifier yet)"
+            log.info("[%s] %s, %d params, %.3f ms/batch", name, headline, metrics["params"], metrics["latency_ms"])
 
-        executed = set(plan.stages) - ledger.completed
-        replay(plan.stages, model, ctx, run_dir, ledger.completed, execute)
+        executed = set(plan.stages) - completed
+        replay(plan.stages, model, ctx, run_dir, completed, execute, wait=None if world.main else lambda name: parallel.barrier())
+        if ledger is None:
+            return None  # rank 0 alone re-times, reports and returns the objective
         rows = ledger.data["stages"]
         # after any stage ran here, or for rows never re-timed; a resume of a finished ledger re-measures nothing
         if cfg.measure.final_retime and len(rows) > 1 and (executed or any("latency_ms_during_run" not in row["metrics"] for row in rows)):
             final_retime(plan, data, run_dir, ledger, example)
-    except EffitrainError as error:
-        ledger.finish("failed", str(error))
-        raise
     except BaseException as error:
-        ledger.finish("failed", f"{type(error).__name__}: {error}")
+        waited = _timed_out(error, cfg) if world.distributed else None
+        message = waited or (str(error) if isinstance(error, EffitrainError) else f"{type(error).__name__}: {error}")
+        if world.distributed:
+            parallel.report_failure(message)
+            message = parallel.reported_failure() or message  # the process that failed first holds the root cause
+        if ledger is not None:
+            ledger.finish("failed", message)
+        if waited is not None:
+            raise TrainingError(waited) from None
         raise
     finally:
         logger.close()

@@ -48,10 +48,13 @@ def interleaved(runners: dict[str, Callable[[], Any]], rounds: int, passes: int,
 
 @contextlib.contextmanager
 def torch_threads(threads: int | None) -> Iterator[None]:
-    """torch's CPU threads set to `threads` (None: unchanged) inside, restored after."""
+    """torch's CPU threads set to `threads` inside, restored after. None is what a lone process
+    on this machine uses, also in a multi-process run (whose training processes share the cores
+    while rank 0 times alone), so latencies compare across runs."""
+    from effitrain.parallel.world import current
+
     previous = torch.get_num_threads()
-    if threads is not None:
-        torch.set_num_threads(threads)
+    torch.set_num_threads(threads if threads is not None else current().threads_alone)
     try:
         yield
     finally:

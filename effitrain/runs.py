@@ -76,17 +76,25 @@ def check_resumable(run_dir: Path) -> None:
 
 
 def replay(stages: dict[str, Stage], model: nn.Module, ctx: Context, run_dir: Path, completed: set[str],
-           execute: Execute | None, upto: Optional[str] = None, keep: Callable[[str, nn.Module], None] | None = None) -> nn.Module:
+           execute: Execute | None, upto: Optional[str] = None, keep: Callable[[str, nn.Module], None] | None = None,
+           wait: Callable[[str], None] | None = None) -> nn.Module:
     """Walk the stages in order: load the completed ones, `execute` the others; stop after `upto`.
 
     Args:
         keep: called with each stage's name and model as soon as it is there (later stages may
             change that model in place: copy what must stay as it is).
+        wait: for the processes of a multi-process run other than rank 0: called before a stage
+            that runs on rank 0 alone (`Stage.on_every_rank` false) until rank 0 completed it;
+            then its saved model is loaded here like a completed stage's.
 
     Returns:
         The last stage's model.
     """
+    completed = set(completed)
     for index, (name, stage) in enumerate(stages.items()):
+        if wait is not None and name not in completed and not stage.on_every_rank:
+            wait(name)
+            completed.add(name)
         saved = model_file(run_dir, index, name, stage)
         if name in completed and not saved.exists():  # saved under the suffix its model needed (e.g. auto chose x86_static)
             saved = next(iter(sorted(path for path in saved.parent.glob(f"{index:02d}_{name}.*") if path.is_file())), saved)
@@ -94,7 +102,7 @@ def replay(stages: dict[str, Stage], model: nn.Module, ctx: Context, run_dir: Pa
         prepared = stage.prepare(model, ctx)
         if name in completed:
             model = stage.load_model(prepared, saved)
-            if execute is not None:
+            if execute is not None and wait is None:
                 log.info("[%s] already completed; loaded %s", name, saved.name)
         else:
             assert execute is not None, f"stage {name} has not completed"

@@ -66,11 +66,32 @@ class CountingHook(Hook):
 
 def test_hooks_fire_once_per_optimizer_step_with_accumulation(tmp_path: Path) -> None:
     hook = CountingHook()
-    train, val = _loaders(samples=64, batch=8)  # 8 micro-batches per epoch
+    train, val = _loaders(samples=64, batch=24)  # the global batch: 3 steps per epoch, the last one of 16 examples
     result = _trainer(tmp_path, hooks=[hook], grad_accum_steps=3).fit(nn.Linear(4, 2), train, val)
-    assert result.steps == 2 * math.ceil(8 / 3)  # the partial window at the epoch end still steps
+    assert result.steps == 2 * math.ceil(64 / 24)  # the short batch at the epoch end still steps
     assert hook.calls.count("step") == hook.calls.count("backward") == result.steps
     assert hook.calls[:2] == ["fit_start", "epoch_start"] and hook.calls.count("epoch_end") == 2
+
+
+def test_accumulation_keeps_the_step_of_the_whole_global_batch(tmp_path: Path) -> None:
+    """3 micro-batches of 8 (and a short last batch of 16 in micro-batches of 6, 5, 5) give the
+    same weights as whole batches of 24: each micro-batch's loss counts by its share."""
+    models = []
+    for accum in (1, 3):
+        torch.manual_seed(0)
+        model = nn.Linear(4, 2)
+        train, val = _loaders(samples=64, batch=24)
+        _trainer(tmp_path / str(accum), grad_accum_steps=accum, restore_best=False).fit(model, train, val)
+        models.append(model)
+    assert torch.allclose(models[0].weight, models[1].weight, rtol=1e-5, atol=1e-6)
+
+
+def test_a_global_batch_that_does_not_split_is_refused(tmp_path: Path) -> None:
+    from effitrain.errors import ConfigError
+
+    train, val = _loaders(samples=64, batch=8)
+    with pytest.raises(ConfigError, match="data.batch_size = 8 does not split into 1 process.*allowed: a multiple of 3, e.g. 6 or 9"):
+        _trainer(tmp_path, grad_accum_steps=3).fit(nn.Linear(4, 2), train, val)
 
 
 def test_hook_runs_after_each_optimizer_step(tmp_path: Path) -> None:

@@ -70,3 +70,40 @@ class Shrink(Stage):
             for layer in layers:
                 layer.weight.mul_(self.factor)
         return StageResult(prepared.model, {"shrunk_layers": len(layers), "factor": self.factor})
+
+
+@dataclass
+class Fault(Stage):
+    """A stage that goes wrong on one process of a multi-process run: `how` is error (a
+    ConfigError a user can act on), crash (a plain RuntimeError) or hang (stops answering)."""
+
+    kind = "fault"
+    rank: int = 1
+    how: str = "error"
+
+    def run(self, name: str, prepared: Prepared, ctx: Context) -> StageResult:
+        import time
+
+        from effitrain.errors import ConfigError
+        from effitrain.parallel.world import barrier, current
+
+        if current().rank == self.rank:
+            if self.how == "error":
+                raise ConfigError(f"stage.{name}: process {self.rank} refuses on purpose")
+            if self.how == "crash":
+                raise RuntimeError(f"process {self.rank} crashed on purpose")
+            time.sleep(3600)
+        barrier()  # the others wait for the faulty one, as a collective in training would
+        return StageResult(prepared.model)
+
+
+class ConvHeadNet(nn.Module):
+    """A user's model whose classifier is a 1x1 convolution (no Linear, nothing named classifier/fc/head)."""
+
+    def __init__(self, num_classes: int, width: int = 8) -> None:
+        super().__init__()
+        self.body = nn.Sequential(nn.Conv2d(1, width, 3, padding=1), nn.ReLU())
+        self.scores = nn.Conv2d(width, num_classes, 1)
+
+    def forward(self, inputs: Tensor) -> Tensor:
+        return self.scores(self.body(inputs)).mean(dim=(2, 3))

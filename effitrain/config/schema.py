@@ -42,6 +42,12 @@ class TrainerConfig:
     log_every_steps: int = MISSING
     progress: str = MISSING
     compile: Any = False  # true | false | auto (a bool or the word; default for configs made before the key)
+    # (defaults here for run folders made before these keys existed)
+    devices: int = 1
+    sync_batchnorm: bool = False
+    dist_backend: str = "auto"
+    dist_port: Optional[int] = None
+    dist_timeout_s: float = 1800.0
 
     @classmethod
     def with_defaults(cls, **settings: Any) -> "TrainerConfig":
@@ -89,6 +95,9 @@ class RootConfig:
 
 PRECISION_POLICIES = ("fp32", "fp16", "bf16", "auto")
 PROGRESS = ("auto", "on", "off")
+DIST_BACKENDS = ("auto", "gloo", "nccl")
+# trainer keys of the whole run (how many processes, how they talk): not overridable per stage
+RUN_TRAINER_KEYS = ("devices", "dist_backend", "dist_port", "dist_timeout_s")
 DIRECTIONS = ("maximize", "minimize")
 # What a stage may override per stage (stage.<name>.trainer / optimizer / scheduler); null = global value.
 STAGE_OPTIMIZER_KEYS = ("lr", "weight_decay")
@@ -115,6 +124,10 @@ RULES: list[Rule] = [
     ("trainer.log_every_steps", lambda v: v >= 1, "an integer >= 1"),
     ("trainer.progress", lambda v: v in PROGRESS, f"one of {', '.join(PROGRESS)}"),
     ("trainer.compile", lambda v: isinstance(v, bool) or v == "auto", "true, false or auto"),
+    ("trainer.devices", lambda v: v >= 1, "an integer >= 1 (processes, one per GPU on CUDA)"),
+    ("trainer.dist_backend", lambda v: v in DIST_BACKENDS, ", ".join(DIST_BACKENDS)),
+    ("trainer.dist_port", lambda v: 1 <= v <= 65535, "a port number in 1..65535, or null for a free one"),
+    ("trainer.dist_timeout_s", lambda v: v > 0, "a number of seconds > 0"),
     ("scheduler.warmup_steps", lambda v: isinstance(v, int) and v >= 0, "an integer >= 0"),
     ("scheduler.min_lr_ratio", lambda v: isinstance(v, (int, float)) and 0 <= v <= 1, "a number in [0, 1]"),
     ("optimizer.lr", lambda v: isinstance(v, (int, float)) and v > 0, "a number > 0"),
@@ -219,7 +232,9 @@ def validate(cfg: DictConfig, targets: bool = True) -> DictConfig:
         if objective.stage is not None:
             require(objective.stage in typed.stage, f"objective[{index}].stage", objective.stage, ", ".join(typed.stage))
     if targets:
-        for section in ("data", "optimizer", "scheduler", "task"):
+        data_call = OmegaConf.masked_copy(typed.data, [key for key in typed.data if key not in ("mix", "label_fraction")])
+        check_call(data_call, "data")  # mix and label_fraction are effitrain's, applied to what the builder returns
+        for section in ("optimizer", "scheduler", "task"):
             check_call(typed[section], section)
         check_data_files(typed.data)
     return typed
@@ -279,7 +294,7 @@ def stage_training_block() -> dict[str, dict[str, None]]:
     Generated from `TrainerConfig`, so a new trainer key is overridable per stage at once.
     """
     return {
-        "trainer": {item.name: None for item in fields(TrainerConfig)},
+        "trainer": {item.name: None for item in fields(TrainerConfig) if item.name not in RUN_TRAINER_KEYS},
         "optimizer": {key: None for key in STAGE_OPTIMIZER_KEYS},
         "scheduler": {key: None for key in STAGE_SCHEDULER_KEYS},
     }

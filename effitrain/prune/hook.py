@@ -9,7 +9,9 @@ cannot revive them), and the schedule changes the masks at its steps:
   and regrows as many inactive ones with the largest dense-gradient magnitude (starting at 0).
 
 Masks and the schedule's position are the hook's state, saved in the epoch checkpoints, so a
-resumed run continues the schedule where it stopped.
+resumed run continues the schedule where it stopped. In a multi-process run every process
+computes the same masks (same weights, all-reduced gradients, the same scoring batches); each
+change is still taken from the trainer's leader, so the replicas can never drift apart.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ from typing import Any, Callable, Sequence
 import torch
 from torch import Tensor, nn
 
+from effitrain.parallel.world import broadcast_tensors
 from effitrain.prune.masks import apply_masks, prunable
 from effitrain.trainer import Hook
 
@@ -113,6 +116,7 @@ class MaskHook(Hook):
         return {"target_sparsity": self.current_sparsity, "achieved_sparsity": self.achieved()}
 
     def on_fit_start(self, trainer: Any) -> None:
+        self.masks = broadcast_tensors(self.masks, getattr(trainer, "group", None))
         apply_masks(trainer.model, self.masks)
 
     def _due(self, step: int, trainer: Any) -> bool:
@@ -134,11 +138,12 @@ class MaskHook(Hook):
             target = self.target(step, trainer.total_steps)
             if target != self.current_sparsity:
                 assert self.remask is not None
-                self.masks = self.remask(model, target)
+                self.masks = broadcast_tensors(self.remask(model, target), getattr(trainer, "group", None))
                 self.current_sparsity = target
                 self.updates += 1
         elif self.schedule == "rigl" and self._dense_grads:
             self._rigl_update(model, rigl_fraction(step, self.drop_fraction, self._end(trainer)))
+            self.masks = broadcast_tensors(self.masks, getattr(trainer, "group", None))
             self._dense_grads = {}
             self.updates += 1
         apply_masks(model, self.masks)

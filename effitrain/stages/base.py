@@ -65,6 +65,13 @@ class Context:
     def device(self) -> torch.device:
         return self.precision.device
 
+    @property
+    def main(self) -> bool:
+        """Whether this process writes the run folder (rank 0 of a multi-process run)."""
+        from effitrain.parallel.world import is_main
+
+        return is_main()
+
     def build_model(self, model_cfg: Any = None, seeded: bool = False) -> nn.Module:
         """Instantiate `model_cfg` (default: the config's `model`) on the run device.
 
@@ -105,6 +112,14 @@ class Stage:
 
     kind: ClassVar[str] = "stage"
     renamed: ClassVar[dict[str, str]] = {}  # old field name -> new one: configs of older run folders still build
+    # In a multi-process run: true runs `run` on every process (a stage that trains: the trainer is
+    # data parallel); false runs it on rank 0 alone while the others wait, then they load the model
+    # it saved (stages that measure, time or convert). A stage that writes files itself, apart from
+    # its trainer's checkpoints, writes them on `ctx.main` only.
+    on_every_rank: ClassVar[bool] = True
+    # false: the stage's model is not a finished classifier (e.g. pre-training leaves its head
+    # untrained), so its row has no task metrics or predictions; the stage reports its own
+    reports_task_metrics: ClassVar[bool] = True
 
     def __post_init__(self) -> None:
         """Check field ranges; raise ConfigError naming the field (the builder adds `stage.<name>.`)."""

@@ -13,6 +13,7 @@ class Evaluate(Stage):
     """A ledger row for the incoming model (test and validation metrics, size, latency)."""
 
     kind = "evaluate"
+    on_every_rank = False  # measures (and times) on rank 0; the other processes load what it saved
 
     def run(self, name: str, prepared: Prepared, ctx: Context) -> StageResult:
         return StageResult(prepared.model)

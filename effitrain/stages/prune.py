@@ -137,7 +137,8 @@ class Prune(Stored, TrainingStage):
             found = [row for row in sparsity_table(model) if row["layer"] in measured]
             achieved = sum(row["zeros"] for row in found) / max(sum(row["weights"] for row in found), 1)
         rows = sparsity_table(model)
-        write_json(ctx.run_dir / "pruning" / f"{name}.json", rows)
+        if ctx.main:
+            write_json(ctx.run_dir / "pruning" / f"{name}.json", rows)
         log.info("[%s] per-layer sparsity\n%s", name, render_text(_table(name, rows)).rstrip())
         target = self.target_sparsity
         if abs(achieved - target) > SPARSITY_TOLERANCE:

@@ -132,6 +132,7 @@ class Quantize(Stored, QuantSettings, FromSource):
     """
 
     kind = "quantize"
+    on_every_rank = False  # measures (and times) on rank 0; the other processes load what it saved
     calibration_batches: int = MISSING
     observer: str = MISSING
     max_drop: float = 0.01  # defaults here as in conf/stage/quantize.yaml, for run folders made before these fields

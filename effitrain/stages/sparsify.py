@@ -39,6 +39,7 @@ class Sparsify(FromSource):
     """
 
     kind = "sparsify"
+    on_every_rank = False  # measures (and times) on rank 0; the other processes load what it saved
     min_sparsity: float = MISSING
     skip: List[str] = MISSING
     passes: int = MISSING

@@ -4,7 +4,6 @@
 from __future__ import annotations
 
 import inspect
-import math
 from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, Optional, Sequence
 
@@ -45,6 +44,10 @@ def make_trainer(
     overrides: dict[str, dict],
     loss_fn: LossFn | None = None,
     hooks: Sequence[Hook] = (),
+    group: Any = None,
+    checkpoint_name: str | None = None,
+    label: str | None = None,
+    task: Any = None,
 ) -> Trainer:
     """The trainer for stage `name`: global trainer/optimizer/scheduler config plus the stage's overrides.
 
@@ -55,14 +58,19 @@ def make_trainer(
             (checked when the stage was built).
         loss_fn: the training loss (default: the task's).
         hooks: per-step hooks.
+        group: the processes training this model (default: every process of the run).
+        checkpoint_name: its checkpoint folder under checkpoints/ (default: `name`).
+        label: added to the terminal's name for it (e.g. "peer 1").
+        task: what a batch is and the validation metrics (default: the run's task; a pretext
+            task while pre-training).
     """
     sections = merge_training(ctx.cfg, overrides, f"stage.{name}", check=False)
     settings = TrainerConfig(**OmegaConf.to_container(sections.trainer))  # type: ignore[arg-type]
     optimizer = _instantiate(sections.optimizer, "optimizer")
     return Trainer(
         settings, lambda params: optimizer(params), scheduler_factory(sections.scheduler), ctx.precision, ctx.logger, name,
-        ctx.checkpoint_dir(name), task=ctx.task, loss_fn=loss_fn, hooks=hooks,
-        label=f"{ctx.stage_position} {name}".strip(),
+        ctx.checkpoint_dir(checkpoint_name or name), task=task if task is not None else ctx.task, loss_fn=loss_fn, hooks=hooks,
+        label=" ".join(part for part in (ctx.stage_position, name, label) if part), group=group,
     )
 
 
@@ -74,7 +82,8 @@ class PlannedFit:
     Attributes:
         name: the trainer's stage name (iterative rounds: NAME_roundK).
         epochs, batches: planned epochs and training batches per epoch.
-        steps_per_epoch: optimizer steps per epoch (batches / gradient accumulation, rounded up).
+        steps_per_epoch: optimizer steps per epoch (one per global batch, whatever the processes and
+            micro-batches it is split into).
         lr: the learning rate after each step.
         values: other per-step values: target_sparsity, kd_weight.
     """
@@ -95,7 +104,7 @@ def plan_fit(cfg: DictConfig, name: str, overrides: dict[str, dict], batches: in
 
     sections = merge_training(cfg, overrides, f"stage.{name}", check=False)
     settings = TrainerConfig(**OmegaConf.to_container(sections.trainer))  # type: ignore[arg-type]
-    per_epoch = math.ceil(batches / settings.grad_accum_steps)
+    per_epoch = batches  # data.batch_size is the global batch of one optimizer step
     steps = settings.max_epochs * per_epoch
     if settings.max_steps is not None:
         steps = min(steps, settings.max_steps)

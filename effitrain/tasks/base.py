@@ -56,7 +56,6 @@ class Task:
             return True
         return value > best if self.metrics[metric] == "max" else value < best
 
-    @torch.no_grad()
     def evaluate(self, model: nn.Module, loader: Iterable, precision: PrecisionPolicy, keep_predictions: bool = False) -> dict[str, Any]:
         """Mean of every metric over `loader`, in eval mode (the model's mode is restored).
 
@@ -64,9 +63,20 @@ class Task:
             {metric: mean per example}, plus "labels" and "predictions" (lists, loader order)
             when `keep_predictions` and the task predicts labels.
         """
+        sums, count, kept_labels, kept_predictions = self.totals(model, loader, precision, keep_predictions)
+        scores: dict[str, Any] = {key: value / max(count, 1) for key, value in sums.items()}
+        if keep_predictions and kept_predictions:
+            scores.update(labels=kept_labels, predictions=kept_predictions)
+        return scores
+
+    @torch.no_grad()
+    def totals(self, model: nn.Module, loader: Iterable, precision: PrecisionPolicy,
+               keep_predictions: bool = False) -> tuple[dict[str, float], int, list[int], list[int]]:
+        """Per-metric sums and the example count over `loader` (parts of a split scored on several
+        processes add up to the whole split's), plus labels and predictions when asked."""
         was_training = model.training
         model.eval()
-        sums: dict[str, float] = {}
+        sums: dict[str, float] = {metric: 0.0 for metric in self.metrics}
         count = 0
         kept_labels: list[int] = []
         kept_predictions: list[int] = []
@@ -84,7 +94,4 @@ class Task:
                     kept_predictions += predicted
                     kept_labels += targets.tolist()
         model.train(was_training)
-        scores: dict[str, Any] = {key: value / max(count, 1) for key, value in sums.items()}
-        if keep_predictions and kept_predictions:
-            scores.update(labels=kept_labels, predictions=kept_predictions)
-        return scores
+        return sums, count, kept_labels, kept_predictions

@@ -1,9 +1,15 @@
 """The training loop: optimizer and schedule, gradient accumulation and clipping, precision,
-per-epoch validation with best-checkpoint tracking, early stopping, and resumable checkpoints.
+per-epoch validation with best-checkpoint tracking, early stopping, and resumable checkpoints,
+on one process or data-parallel on several (DistributedDataParallel).
 
-Checkpoints are written at the end of every epoch (weights as safetensors, the rest with
-torch.save). The data order depends only on (seed, epoch) and the RNG states are saved, so a
-run resumed from an epoch checkpoint ends exactly as an uninterrupted one would.
+Each optimizer step learns from one global batch (`data.batch_size` examples of the seeded
+order), split over the processes and into micro-batches (`effitrain.parallel.batches`); each
+micro-batch's loss is weighted by its share of the global batch, so a step is the same at any
+world size. Validation is scored over disjoint parts of the split and summed, so every process
+takes the same best-checkpoint and early-stopping decisions. Checkpoints are written at the end
+of every epoch by the group's leader (weights as safetensors, the rest with torch.save, every
+process's random state in it). The data order depends only on (seed, epoch), so a run resumed
+from an epoch checkpoint ends exactly as an uninterrupted one would.
 """
 
 from __future__ import annotations
@@ -20,10 +26,12 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from effitrain.batch import batch_size, move
+from effitrain.batch import move
 from effitrain.checkpoint import load_state, load_weights, save_state, save_weights
 from effitrain.config.schema import TrainerConfig
 from effitrain.errors import ConfigError, TrainingError
+from effitrain.parallel import world as parallel
+from effitrain.parallel.batches import examples, step_batches, strided
 from effitrain.precision import PrecisionPolicy
 from effitrain.runlog import RunLogger
 from effitrain.tasks import Classification, Task
@@ -31,6 +39,7 @@ from effitrain.retime import synchronizer
 from effitrain.trainer.compile import training_model
 from effitrain.trainer.hooks import Hook
 from effitrain.trainer.progress import Progress
+from effitrain.trainer.replicas import Objective, Replicas
 
 log = logging.getLogger("effitrain")
 
@@ -66,6 +75,8 @@ class Trainer:
         hooks: per-step hooks.
             Hooks and the loss with a `logged(trainer)` method add its figures to every logged step.
         label: how logs and the progress bar name the stage (default: `stage`), e.g. "2/5 pruned".
+        group: the processes that train this model together (default: every process of the run;
+            one process outside a distributed run).
     """
 
     def __init__(
@@ -81,6 +92,7 @@ class Trainer:
         loss_fn: LossFn | None = None,
         hooks: Sequence[Hook] = (),
         label: str | None = None,
+        group: parallel.Group | None = None,
     ) -> None:
         self.settings = settings
         self.label = label or stage
@@ -93,6 +105,7 @@ class Trainer:
         self.task = task if task is not None else Classification()
         self.loss_fn: LossFn = loss_fn if loss_fn is not None else self.task.loss
         self.hooks = list(hooks)
+        self.group = group if group is not None else parallel.whole()
         self.monitor = settings.monitor[len("val_"):]
         if self.monitor not in self.task.metrics:
             allowed = ", ".join(f"val_{metric}" for metric in self.task.metrics)
@@ -115,18 +128,22 @@ class Trainer:
 
         Raises:
             TrainingError: the loss became NaN/inf outside fp16 loss scaling.
+            ConfigError: data that cannot be split over the processes or micro-batches.
         """
-        settings = self.settings
+        settings, group = self.settings, self.group
         self.model = model.to(self.precision.device)
         loss_module = self.loss_fn if isinstance(self.loss_fn, nn.Module) else None
         if loss_module is not None:
             loss_module.to(self.precision.device)
+        steps = step_batches(train_loader, group.rank, group.size, settings.grad_accum_steps,
+                             lambda batch: examples(batch, self.task.split), f"[{self.label}] training")
+        val_part = strided(val_loader, group.rank, group.size)
         trainable = [p for p in model.parameters() if p.requires_grad]
-        if loss_module is not None:
-            trainable += [p for p in loss_module.parameters() if p.requires_grad]
+        if loss_module is not None:  # a loss may share parameters with the model (a head tied to the word embeddings)
+            known = {id(p) for p in trainable}
+            trainable += [p for p in loss_module.parameters() if p.requires_grad and id(p) not in known]
         self.optimizer = self.make_optimizer(trainable)
-        steps_per_epoch = math.ceil(len(train_loader) / settings.grad_accum_steps)  # type: ignore[arg-type]
-        total_steps = settings.max_epochs * steps_per_epoch
+        total_steps = settings.max_epochs * len(steps)
         if settings.max_steps is not None:
             total_steps = min(total_steps, settings.max_steps)
         self.total_steps = total_steps  # hooks read it (e.g. a pruning schedule's end)
@@ -137,37 +154,53 @@ class Trainer:
             log.info("[%s] resumed after epoch %d (step %d)", self.label, self.epoch, self.step)
         for hook in self.hooks:
             hook.on_fit_start(self)
-        self.train_model, compile_note = self._training_model(model, train_loader, total_steps - self.step)
-        progress = Progress(self.label, total_steps, settings.progress)
-        try:
-            while self.epoch < settings.max_epochs and self.step < total_steps and not stopped_early:
-                metrics = self._run_epoch(train_loader, scheduler, total_steps, progress)
-                metrics.update({f"val_{key}": value for key, value in self.task.evaluate(model, val_loader, self.precision).items()})
-                self.epoch += 1
-                current = metrics[settings.monitor]
-                if self.task.better(self.monitor, current, best):
-                    best, stale_epochs = current, 0
-                    save_weights(model, self.checkpoint_dir / "best.safetensors")
-                else:
-                    stale_epochs += 1
-                stopped_early = settings.early_stopping_patience is not None and stale_epochs >= settings.early_stopping_patience
-                self.logger.log(self.stage, self.step, metrics, epoch=self.epoch)
-                progress.epoch_done(self.epoch - 1, settings.max_epochs, metrics)
-                for hook in self.hooks:
-                    hook.on_epoch_end(self, metrics)
-                self._save(scheduler, best, stale_epochs)
-        finally:
-            progress.close()
+        progress = Progress(self.label, total_steps, settings.progress if parallel.is_main() else "off")
+        with Replicas(model, group, self.precision.device, settings.sync_batchnorm) as replicas:
+            self.train_model, compile_note = self._training_model(model, train_loader, total_steps - self.step)
+            replicas.wrap(self.train_model, self.loss_fn)
+            try:
+                while self.epoch < settings.max_epochs and self.step < total_steps and not stopped_early:
+                    metrics = self._run_epoch(steps, replicas, scheduler, total_steps, progress)
+                    metrics.update({f"val_{key}": value for key, value in self.validate(model, val_part).items()})
+                    self.epoch += 1
+                    current = metrics[settings.monitor]
+                    if self.task.better(self.monitor, current, best):
+                        best, stale_epochs = current, 0
+                        if group.leader:
+                            save_weights(model, self.checkpoint_dir / "best.safetensors")
+                    else:
+                        stale_epochs += 1
+                    stopped_early = settings.early_stopping_patience is not None and stale_epochs >= settings.early_stopping_patience
+                    # every process of the run stops together (peers trained on their own groups too)
+                    stopped_early = parallel.any_over(stopped_early, None) if parallel.current().distributed else stopped_early
+                    self.logger.log(self.stage, self.step, metrics, epoch=self.epoch)
+                    progress.epoch_done(self.epoch - 1, settings.max_epochs, metrics)
+                    for hook in self.hooks:
+                        hook.on_epoch_end(self, metrics)
+                    self._save(scheduler, best, stale_epochs)
+            finally:
+                progress.close()
         if stopped_early:
             log.info("[%s] early stop: %s did not improve for %d epochs", self.label, settings.monitor, stale_epochs)
         best_path = self.checkpoint_dir / "best.safetensors"
-        if settings.restore_best and best_path.exists():
-            load_weights(model, best_path)
+        if settings.restore_best and parallel.any_over(group.leader and best_path.exists(), group):
+            if group.leader:
+                load_weights(model, best_path)
+            parallel.broadcast_module(model, group=group)  # no shared file system needed for the best weights
         return FitResult(epochs=self.epoch, steps=self.step, best=best, stopped_early=stopped_early, compile=compile_note)
+
+    def validate(self, model: nn.Module, loader: Iterable) -> dict[str, float]:
+        """The task's validation metrics of `model` over `loader`, this process's part of the
+        split summed with the other processes' (each example scored once)."""
+        sums, count, _, _ = self.task.totals(model, loader, self.precision)
+        keys = list(sums)
+        totals = parallel.sum_over([*sums.values(), count], self.group)
+        return {key: value / max(totals[-1], 1) for key, value in zip(keys, totals)}
 
     def _training_model(self, model: nn.Module, loader: Iterable, steps: int) -> tuple[nn.Module, str | None]:
         """The module training steps call (`trainer.compile`); a probe or compile step on one
-        batch leaves no trace: buffers and random states restored, gradients cleared."""
+        batch leaves no trace: buffers and random states restored, gradients cleared. Several
+        processes follow their leader's choice."""
         setting = self.settings.compile
         if setting is None or setting is False or steps <= 0:
             return model, None
@@ -185,6 +218,12 @@ class Trainer:
                 owner.zero_grad(set_to_none=True)
 
         try:
+            if self.group.size > 1 and setting == "auto":  # the leader times it; the others compile only if it chose to
+                chosen = training_model(setting, model, step, steps, self.label, synchronizer(self.precision.device)) if self.group.leader else None
+                note = parallel.broadcast_object(chosen[1] if chosen else None, self.group)
+                if chosen is not None:
+                    return chosen[0], note
+                return (training_model(True, model, step, steps, self.label)[0] if note and note.startswith("compile auto: compiled") else model), note
             return training_model(setting, model, step, steps, self.label, synchronizer(self.precision.device))
         finally:
             with torch.no_grad():
@@ -195,36 +234,32 @@ class Trainer:
 
     # -- one epoch ----------------------------------------------------------------------------
 
-    def _run_epoch(self, loader: Iterable, scheduler: Any, total_steps: int, progress: Progress) -> dict[str, float]:
+    def _run_epoch(self, steps: Any, replicas: Replicas, scheduler: Any, total_steps: int, progress: Progress) -> dict[str, float]:
         settings, precision, model, optimizer = self.settings, self.precision, self.model, self.optimizer
         assert model is not None and optimizer is not None
-        # the data order depends only on (seed, epoch): a loader (or its sampler) that can be told the epoch is
-        set_epoch = getattr(loader, "set_epoch", None) or getattr(getattr(loader, "sampler", None), "set_epoch", None)
-        if set_epoch is not None:
-            set_epoch(self.epoch)
+        steps.set_epoch(self.epoch)  # the data order depends only on (seed, epoch)
         for hook in self.hooks:
             hook.on_epoch_start(self)
         model.train()
-        accum = settings.grad_accum_steps
-        batches = len(loader)  # type: ignore[arg-type]
+        share = self.group.size  # a micro-batch's mean loss counts as its share of the global batch
         loss_sum, loss_count, samples, started = 0.0, 0, 0, time.perf_counter()
-        window_loss = torch.zeros((), device=precision.device)
-        for index, batch in enumerate(loader):
-            inputs, targets = self.task.split(batch)
-            inputs, targets = move(inputs, precision.device), move(targets, precision.device)
-            with precision.autocast():
-                loss = self.loss_fn(self.train_model, inputs, targets)
-            window_loss += loss.detach()
-            scaled = loss / accum if accum > 1 else loss  # no extra autograd node without accumulation
-            if precision.scaler is not None:
-                precision.scaler.scale(scaled).backward()
-            else:
-                scaled.backward()
-            samples += batch_size(inputs)
-            if (index + 1) % accum and index + 1 < batches:
-                continue
-            step_loss = window_loss.item() / ((index % accum) + 1)
-            window_loss.zero_()
+        for step in steps:
+            step_loss_sum = torch.zeros((), device=precision.device)
+            for index, (batch, size) in enumerate(zip(step.batches, step.sizes)):
+                inputs, targets = self.task.split(batch)
+                inputs, targets = move(inputs, precision.device), move(targets, precision.device)
+                with replicas.accumulating(last=index == len(step.batches) - 1):
+                    with precision.autocast():
+                        loss = replicas.loss(inputs, targets)
+                    step_loss_sum += loss.detach().float() * size
+                    weight = size * share / step.total
+                    scaled = loss * weight if weight != 1 else loss  # no extra autograd node for a whole batch
+                    if precision.scaler is not None:
+                        precision.scaler.scale(scaled).backward()
+                    else:
+                        scaled.backward()
+            step_loss = parallel.sum_over([step_loss_sum.item()], self.group)[0] / step.total
+            samples += step.total
             self.skipped_in_a_row = 0 if math.isfinite(step_loss) else self.skipped_in_a_row + 1
             if precision.scaler is not None and self.skipped_in_a_row >= precision.max_skipped_steps:
                 raise TrainingError(
@@ -284,8 +319,12 @@ class Trainer:
         return self.checkpoint_dir / "last_state.pt"
 
     def _save(self, scheduler: Any, best: float | None, stale_epochs: int) -> None:
-        """Write the epoch checkpoint: weights first, then the state file that marks it complete."""
+        """Write the epoch checkpoint (the group's leader): weights first, then the state file
+        that marks it complete, with every process's random state."""
         assert self.model is not None and self.optimizer is not None
+        rng = parallel.gather_objects(_rng_state(), self.group)
+        if not self.group.leader:
+            return
         save_weights(self.model, self.checkpoint_dir / "last.safetensors")
         state = {
             "epoch": self.epoch,
@@ -297,13 +336,17 @@ class Trainer:
             "scaler": self.precision.scaler.state_dict() if self.precision.scaler is not None else None,
             "loss": self.loss_fn.state_dict() if isinstance(self.loss_fn, nn.Module) else None,
             "hooks": [hook.state_dict() for hook in self.hooks],
-            "rng": _rng_state(),
+            "rng_per_process": rng,
         }
         save_state(state, self._last_state_path)
 
     def _restore(self, scheduler: Any) -> tuple[float | None, int]:
         assert self.model is not None and self.optimizer is not None
         state = load_state(self._last_state_path)
+        saved = state.get("rng_per_process") or [state["rng"]]  # checkpoints made before processes were counted
+        if len(saved) != self.group.size:
+            raise ConfigError(f"{self._last_state_path}: written by {len(saved)} process(es); resuming it takes the same number "
+                              f"(allowed: trainer.devices={len(saved)})")
         load_weights(self.model, self.checkpoint_dir / "last.safetensors")
         self.optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
@@ -313,7 +356,7 @@ class Trainer:
             self.loss_fn.load_state_dict(state["loss"])
         for hook, hook_state in zip(self.hooks, state["hooks"]):
             hook.load_state_dict(hook_state)
-        _set_rng_state(state["rng"])
+        _set_rng_state(saved[self.group.rank])
         self.epoch, self.step = state["epoch"], state["step"]
         return state["best"], state["stale_epochs"]
 
