@@ -23,6 +23,9 @@ class DataBundle:
         test: loader for the ledger's accuracy.
         num_classes: number of labels.
         input_shape: shape of one input without the batch dimension.
+        unlabeled: the whole training split when `data.label_fraction` < 1 keeps only some of
+            its labels for `train` (None: `train` is the whole split); stages that do not read
+            labels (pre-training) learn from it.
     """
 
     train: DataLoader
@@ -30,6 +33,12 @@ class DataBundle:
     test: DataLoader
     num_classes: int
     input_shape: tuple[int, ...]
+    unlabeled: DataLoader | None = None
+
+    @property
+    def every_train(self) -> DataLoader:
+        """Every training example, labelled or not (labels are not to be read from it)."""
+        return self.unlabeled if self.unlabeled is not None else self.train
 
     def example_batch(self, batch_size: int, split: Callable[[Any], tuple[Any, Any]] = lambda batch: batch) -> Any:
         """Return `batch_size` test inputs (cycled if the split is smaller), for tracing and timing.

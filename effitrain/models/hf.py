@@ -73,6 +73,7 @@ def hf_classifier(
     from_scratch: bool = False,
     config: dict[str, Any] | None = None,
     input_shape: Any = None,
+    keep_every: int | None = None,
 ) -> nn.Module:
     """A transformers AutoModelForSequenceClassification with `num_classes` labels.
 
@@ -84,6 +85,8 @@ def hf_classifier(
         config: architecture overrides (e.g. {num_hidden_layers: 3, hidden_size: 256}); they
             imply random weights, since pretrained weights no longer fit.
         input_shape: ignored (text models read token ids); accepted so model configs stay uniform.
+        keep_every: keep encoder layers 0, k, 2k, ... of the pretrained model with their weights
+            (DistilBERT-style: a smaller pretrained model); null keeps them all.
     """
     _quiet_transformers()
     from transformers import AutoConfig, AutoModelForSequenceClassification
@@ -96,10 +99,15 @@ def hf_classifier(
                 raise ConfigError(f"model.config.{key}: no such setting in {type(model_config).__name__}")
             setattr(model_config, key, value)
         if from_scratch or config:
-            return AutoModelForSequenceClassification.from_config(model_config)
-        # a checkpoint with another label count keeps its encoder and gets a new head
-        return AutoModelForSequenceClassification.from_pretrained(
-            path, config=model_config, local_files_only=offline, ignore_mismatched_sizes=True
-        )
+            model = AutoModelForSequenceClassification.from_config(model_config)
+        else:  # a checkpoint with another label count keeps its encoder and gets a new head
+            model = AutoModelForSequenceClassification.from_pretrained(
+                path, config=model_config, local_files_only=offline, ignore_mismatched_sizes=True
+            )
     except OSError as error:
         raise _offline_error(pretrained, "model.pretrained", error) from None
+    if keep_every is not None:
+        from effitrain.distill.sources import derive_student
+
+        model = derive_student(model, keep_every, "model.keep_every")
+    return model
