@@ -58,3 +58,20 @@ def replace_layers(model: nn.Module, names: list[str], make: Callable[[nn.Module
         parent = model.get_submodule(parent_name) if parent_name else model
         setattr(parent, attribute, make(getattr(parent, attribute)))
     return model
+
+
+def matching_modules(model: nn.Module, patterns: list[str], where: str) -> list[nn.Module]:
+    """The modules with parameters whose names match `patterns` (fnmatch), outermost only.
+
+    Raises:
+        ConfigError: a pattern that matches no module with parameters (listing the top-level ones).
+    """
+    modules = {name: module for name, module in model.named_modules() if name and any(True for _ in module.parameters())}
+    chosen: dict[str, nn.Module] = {}
+    for pattern in patterns:
+        matched = {name: module for name, module in modules.items() if fnmatch.fnmatchcase(name, pattern)}
+        if not matched:
+            top = [name for name in modules if "." not in name]
+            raise ConfigError(f"{where}: pattern {pattern!r} matches no module with parameters (top-level modules: {', '.join(top) or 'none'})")
+        chosen.update(matched)
+    return [module for name, module in chosen.items() if not any(name.startswith(other + ".") for other in chosen)]

@@ -113,6 +113,11 @@ def notes(metrics: dict[str, Any]) -> str:
     parts = []
     if metrics.get("teacher_accuracy"):
         parts.append("teacher " + "/".join(f"{value:.3f}" for value in metrics["teacher_accuracy"]))
+    if metrics.get("knn_accuracy") is not None:  # a pre-training row: its representation, probed without training a head
+        parts.append(f"{metrics.get('method', 'pretrain')}: k-NN accuracy {metrics['knn_accuracy']:.4f} "
+                     f"(val {metrics.get('val_knn_accuracy', float('nan')):.4f}, {metrics.get('knn_labels', '?')} labels)")
+    if metrics.get("frozen_params"):
+        parts.append(f"{metrics['frozen_params']:,} params frozen")
     if metrics.get("peer_accuracy"):
         parts.append("peers " + "/".join(f"{value:.3f}" for value in metrics["peer_accuracy"]))
     if metrics.get("vocab_kept"):

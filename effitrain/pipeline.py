@@ -290,8 +290,8 @@ def planned_schedule(cfg: DictConfig) -> list[tuple[str, str, Any]]:
     """
     plan = make_plan(cfg)
     seed_everything(plan.cfg.seed)
-    batches = len(build_data(plan.cfg).train)
-    return [(name, stage.kind, fit) for name, stage in plan.stages.items() for fit in stage.planned(name, plan.cfg, batches)]
+    data = build_data(plan.cfg)
+    return [(name, stage.kind, fit) for name, stage in plan.stages.items() for fit in stage.planned(name, plan.cfg, stage.batches_per_epoch(data))]
 
 
 def objectives(plan: RunPlan, rows: list[dict[str, Any]]) -> dict[str, float]:

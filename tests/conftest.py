@@ -32,6 +32,20 @@ def run_cli(*args: str, cwd: Path, timeout: float = 240, user_code: bool = False
     )
 
 
+def run_and_kill(args: list[str], cwd: Path, marker: Path, timeout: float = 120) -> None:
+    """Start `effitrain ARGS` in `cwd`, SIGKILL it as soon as `marker` exists (e.g. the first
+    epoch checkpoint), and wait for it to end."""
+    import signal
+    import time
+
+    process = subprocess.Popen([sys.executable, "-m", "effitrain.cli", *args], cwd=cwd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + timeout
+    while not marker.exists() and time.time() < deadline:
+        time.sleep(0.02)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+
+
 def assert_refused(result: subprocess.CompletedProcess, message: str, workdir: Path) -> None:
     """Bad input: exit code 2, one line on stderr containing `message`, no traceback, no run folder."""
     assert result.returncode == 2, result.stderr

@@ -3,17 +3,15 @@
 from __future__ import annotations
 
 import json
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 
 from effitrain.config import recipe_files
 
-from conftest import assert_refused, TINY, read_summary, run_cli, run_dirs
+from conftest import assert_refused, TINY, read_summary, run_and_kill, run_cli, run_dirs
 
 
 def test_run_writes_the_run_folder_contract(workdir: Path) -> None:
@@ -67,15 +65,16 @@ def test_multirun_sweep_with_flag_after_overrides(workdir: Path) -> None:
 
 def test_hydra_joblib_launcher_runs_the_sweep_in_one_folder(workdir: Path) -> None:
     """Hydra's own joblib launcher, as a new user would pick it: its workers resolve the run
-    config in other processes (no Hydra config there yet) and must land in the launcher's folder."""
+    config in other processes (no Hydra config there yet) and must land in the launcher's folder;
+    each job is itself a run of 2 processes (started from inside joblib's worker)."""
     result = run_cli("run", *TINY, "trainer.max_epochs=1", "-m", "seed=1,2", "hydra/launcher=joblib", "hydra.launcher.n_jobs=2",
-                     cwd=workdir, timeout=300)
+                     "trainer.devices=2", cwd=workdir, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     (sweep,) = (workdir / "multirun").glob("*/*")
     jobs = sorted(path for path in sweep.iterdir() if path.is_dir())
     assert [job.name for job in jobs] == ["0", "1"]
     assert sorted(read_summary(job)["seed"] for job in jobs) == [1, 2]
-    assert all(read_summary(job)["status"] == "completed" for job in jobs)
+    assert all(read_summary(job)["status"] == "completed" and read_summary(job)["processes"] == 2 for job in jobs)
 
 
 def test_show_composes_without_running_or_importing_torch(workdir: Path) -> None:
@@ -174,14 +173,7 @@ def test_a_dataset_folder_without_the_files_fails_with_path_and_failed_status(wo
 def test_resume_after_kill_matches_uninterrupted_run(workdir: Path) -> None:
     settings = [*TINY, "trainer.max_epochs=30", "data.num_samples=4000", "model.hidden=[64]"]
     assert run_cli("run", *settings, "hydra.run.dir=full", cwd=workdir).returncode == 0
-    process = subprocess.Popen([sys.executable, "-m", "effitrain.cli", "run", *settings, "hydra.run.dir=killed"],
-                               cwd=workdir, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    state = workdir / "killed" / "checkpoints" / "train" / "last_state.pt"
-    deadline = time.time() + 120
-    while not state.exists() and time.time() < deadline:
-        time.sleep(0.02)
-    process.send_signal(signal.SIGKILL)
-    process.wait()
+    run_and_kill(["run", *settings, "hydra.run.dir=killed"], workdir, workdir / "killed" / "checkpoints" / "train" / "last_state.pt")
     assert read_summary(workdir / "killed")["status"] == "running"  # killed mid-training, not finished
     result = run_cli("resume", str(workdir / "killed"), cwd=workdir)
     assert result.returncode == 0, result.stderr

@@ -8,9 +8,7 @@ import collections
 import json
 import os
 import shutil
-import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -21,7 +19,7 @@ from torch import nn
 from effitrain.errors import ConfigError, TrainingError
 from effitrain.parallel.batches import check_divides, plan_steps, strided
 
-from conftest import TESTS_DIR, TINY, assert_refused, read_summary, run_cli, run_dirs
+from conftest import TINY, assert_refused, read_summary, run_and_kill, run_cli, run_dirs
 from test_seams import write_recipe
 
 
@@ -271,14 +269,7 @@ def test_one_failing_process_stops_the_run_in_bounded_time(workdir: Path, how: s
 def test_kill_9_of_the_launcher_then_resume_matches_an_uninterrupted_run(workdir: Path) -> None:
     settings = [*TINY, "trainer.max_epochs=12", "data.num_samples=3000", "model.hidden=[64]", "model.dropout=0", "trainer.devices=2"]
     assert run_cli("run", *settings, "hydra.run.dir=full", cwd=workdir).returncode == 0
-    process = subprocess.Popen([sys.executable, "-m", "effitrain.cli", "run", *settings, "hydra.run.dir=killed"],
-                               cwd=workdir, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    state = workdir / "killed" / "checkpoints" / "train" / "last_state.pt"
-    deadline = time.time() + 120
-    while not state.exists() and time.time() < deadline:
-        time.sleep(0.02)
-    process.send_signal(signal.SIGKILL)
-    process.wait()
+    run_and_kill(["run", *settings, "hydra.run.dir=killed"], workdir, workdir / "killed" / "checkpoints" / "train" / "last_state.pt")
     time.sleep(1)
     assert not _processes_in(workdir)  # the workers died with their launcher
     assert read_summary(workdir / "killed")["status"] == "running"

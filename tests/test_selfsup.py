@@ -4,12 +4,9 @@ through the CLI (its encoder checked), a killed pre-training resumed, and the ba
 
 from __future__ import annotations
 
-import json
 import math
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -19,7 +16,7 @@ from safetensors.torch import load_file
 
 from effitrain.errors import ConfigError
 
-from conftest import TINY, assert_refused, read_summary, run_cli
+from conftest import TINY, assert_refused, read_summary, run_and_kill, run_cli
 
 
 # -- Mixup / CutMix -----------------------------------------------------------------------------
@@ -95,8 +92,9 @@ def test_nt_xent_matches_the_papers_formula() -> None:
 
 # -- the pretrain -> fine-tune chain ------------------------------------------------------------
 
-SSL = ["recipe=ssl_digits", "stage.pretrained.trainer.max_epochs=2", "trainer.max_epochs=2", "measure.repeats=10",
-       "measure.warmup=1", "report=false", "measure.final_retime=false"]
+SSL = ["recipe=ssl_digits", "stage.pretrained.trainer.max_epochs=2", "stage.probe.trainer.max_epochs=2", "stage.finetuned.trainer.max_epochs=1",
+       "~stage.scratch", "measure.repeats=10", "measure.warmup=1", "report=false",
+       "measure.final_retime=false"]
 
 PATCHED_FIT = """
 import sys, torch
@@ -104,8 +102,8 @@ from safetensors.torch import save_file
 from effitrain.trainer import loop
 fit = loop.Trainer.fit
 def recording(self, model, *args, **kwargs):
-    if self.stage == "finetuned":
-        save_file({k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}, "finetune_start.safetensors")
+    if self.stage == "probe":
+        save_file({k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}, "probe_start.safetensors")
     return fit(self, model, *args, **kwargs)
 loop.Trainer.fit = recording
 from effitrain.cli import main
@@ -118,30 +116,27 @@ def test_pretrain_then_finetune_starts_from_the_pretrained_encoder(workdir: Path
                             capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     summary = read_summary(workdir / "run")
-    pretrained, finetuned, scratch = summary["stages"]
+    pretrained, probe, finetuned = summary["stages"]
     assert pretrained["kind"] == "pretrain" and "accuracy" not in pretrained["metrics"]  # no classifier accuracy pretended
     assert 0 < pretrained["metrics"]["knn_accuracy"] <= 1 and pretrained["metrics"]["knn_labels"] == 127  # 10% of each class
     assert pretrained["metrics"]["method"] == "simclr" and pretrained["metrics"]["encoder"].startswith("everything before classifier")
-    assert "accuracy" in finetuned["metrics"] and "accuracy" in scratch["metrics"]
-    saved = load_file(str(next((workdir / "run" / "checkpoints").glob("00_pretrained.*"))))
-    start = load_file(str(workdir / "finetune_start.safetensors"))
+    assert "accuracy" in probe["metrics"] and "accuracy" in finetuned["metrics"] and probe["metrics"]["frozen_params"] > 0
+    checkpoints = workdir / "run" / "checkpoints"
+    saved = load_file(str(next(checkpoints.glob("00_pretrained.*"))))
+    start = load_file(str(workdir / "probe_start.safetensors"))
     assert set(saved) == set(start)
-    for name in saved:  # the fine-tune starts from exactly what pre-training saved, encoder and head
+    for name in saved:  # the next stage starts from exactly what pre-training saved
         assert torch.equal(saved[name], start[name]), name
+    probed = load_file(str(next(checkpoints.glob("01_probe.*"))))
+    for name in saved:  # the probe trained the head alone: the encoder, BatchNorm statistics included, is as pre-trained
+        assert torch.equal(saved[name], probed[name]) == name.startswith("features."), name
     assert "[pretrained] no task metrics (not a classifier yet)" in (workdir / "run" / "run.log").read_text()
 
 
 def test_killed_pretraining_resumes_to_the_same_model(workdir: Path) -> None:
-    settings = [*SSL, "stage.pretrained.trainer.max_epochs=3", "~stage.finetuned", "~stage.scratch", "objective=[]"]
+    settings = [*SSL, "stage.pretrained.trainer.max_epochs=3", "~stage.probe", "~stage.finetuned", "objective=[]"]
     assert run_cli("run", *settings, "hydra.run.dir=full", cwd=workdir).returncode == 0
-    process = subprocess.Popen([sys.executable, "-m", "effitrain.cli", "run", *settings, "hydra.run.dir=killed"],
-                               cwd=workdir, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    state = workdir / "killed" / "checkpoints" / "pretrained" / "last_state.pt"
-    deadline = time.time() + 120
-    while not state.exists() and time.time() < deadline:
-        time.sleep(0.02)
-    process.send_signal(signal.SIGKILL)
-    process.wait()
+    run_and_kill(["run", *settings, "hydra.run.dir=killed"], workdir, workdir / "killed" / "checkpoints" / "pretrained" / "last_state.pt")
     result = run_cli("resume", str(workdir / "killed"), cwd=workdir)
     assert result.returncode == 0, result.stderr
     assert "resumed after epoch" in result.stdout

@@ -103,6 +103,13 @@ def launch_workers(job: Job, devices: int, port: int | None, backend: str, timeo
 
     check_port(port)
     _quiet_torch_elastic()
+    import multiprocessing
+
+    # a spawned worker re-reads the parent's start method; inside a launcher's worker (joblib's
+    # loky) that is a method the worker cannot find, so the standard one is set for the launch
+    inherited = multiprocessing.get_start_method(allow_none=True)
+    if inherited not in (None, "spawn", "fork", "forkserver"):
+        multiprocessing.set_start_method("spawn", force=True)
     config = LaunchConfig(min_nodes=1, max_nodes=1, nproc_per_node=devices, run_id=uuid.uuid4().hex, rdzv_backend="c10d",
                           rdzv_endpoint=f"127.0.0.1:{port or 0}", max_restarts=0, monitor_interval=0.1, start_method="spawn")
     try:
@@ -110,6 +117,9 @@ def launch_workers(job: Job, devices: int, port: int | None, backend: str, timeo
     except ChildFailedError as error:
         rank, failure = error.get_first_failure()
         raise failure_error(rank, failure.message) from None
+    finally:
+        if inherited not in (None, "spawn", "fork", "forkserver"):
+            multiprocessing.set_start_method(inherited, force=True)
 
 
 def failure_error(rank: int, message: Any) -> EffitrainError:

@@ -135,6 +135,10 @@ class Stage:
         """The trainer calls this stage will make (`effitrain.stages.train.PlannedFit`): none here."""
         return []
 
+    def batches_per_epoch(self, data: DataBundle) -> int:
+        """Training batches (optimizer steps) per epoch of this stage's fits: the training loader's."""
+        return len(data.train)
+
     def run(self, name: str, prepared: Prepared, ctx: Context) -> StageResult:
         """Do the stage's work and return the resulting model with its extra ledger metrics."""
         raise NotImplementedError

@@ -19,13 +19,28 @@ from effitrain.parallel import world as parallel
 from effitrain.selfsup.encoder import Encoder, find_encoder, representation_size
 from effitrain.selfsup.probe import features_of, knn_accuracy
 from effitrain.stages.base import Context, Prepared, StageResult
-from effitrain.stages.train import TrainingStage, fit_metrics, make_trainer
+from effitrain.stages.train import Frozen, TrainingStage, fit_metrics, make_trainer
+from effitrain.trainer import Hook
 
 METHODS = ("auto", "simclr", "mlm")
 SIMCLR_EXAMPLE = ("[{_target_: torchvision.transforms.v2.RandomResizedCrop, size: H, scale: [0.3, 1.0]}, "
                   "{_target_: torchvision.transforms.v2.RandomApply, transforms: [{_target_: torchvision.transforms.v2.ColorJitter, "
                   "brightness: 0.4, contrast: 0.4}], p: 0.8}] (SimCLR's crop and colour distortion; "
                   "recipes/ssl_digits.yaml has one for 8x8 digits)")
+
+
+class HeadWarmup(Hook):
+    """For the first `steps` optimizer steps only the loss's own parameters (the pretext head)
+    are updated: the model's gradients are dropped before the step (None: the optimizer skips
+    them, weight decay included)."""
+
+    def __init__(self, steps: int) -> None:
+        self.steps = steps
+
+    def after_backward(self, trainer: Any) -> None:
+        if trainer.step < self.steps:
+            for param in trainer.model.parameters():
+                param.grad = None
 
 
 @dataclass
@@ -56,6 +71,9 @@ class Pretrain(TrainingStage):
         knn_k: neighbours of the k-NN probe that scores the representation for the row.
         batch_size: the global batch while pre-training (null: data.batch_size); contrastive
             learning gains from more negatives than a supervised batch holds.
+        head_warmup_steps: optimizer steps at the start in which only the pretext head (the
+            projection or masked-LM head, new at every pretrain stage) learns: the model's own
+            gradients are dropped, so a new head's random errors do not reach a pretrained encoder.
     """
 
     kind = "pretrain"
@@ -68,6 +86,7 @@ class Pretrain(TrainingStage):
     mask_probability: float = MISSING
     knn_k: int = MISSING
     batch_size: Optional[int] = MISSING
+    head_warmup_steps: int = MISSING
 
     def __post_init__(self) -> None:
         require_choice("method", self.method, METHODS)
@@ -75,6 +94,7 @@ class Pretrain(TrainingStage):
         require(self.projection_dim >= 1, "projection_dim", self.projection_dim, "an integer >= 1")
         require(0 < self.mask_probability < 1, "mask_probability", self.mask_probability, "a probability in (0, 1)")
         require(self.knn_k >= 1, "knn_k", self.knn_k, "an integer >= 1")
+        require(self.head_warmup_steps >= 0, "head_warmup_steps", self.head_warmup_steps, "an integer >= 0")
         if self.batch_size is not None:
             require(self.batch_size >= 2, "batch_size", self.batch_size, "an integer >= 2 (pairs of views need other images), or null")
 
@@ -105,6 +125,10 @@ class Pretrain(TrainingStage):
             except ConfigError as error:
                 raise ConfigError(f"{where}.views: {str(error).split(': ', 1)[-1]}") from None
 
+    def batches_per_epoch(self, data: Any) -> int:
+        examples, batch = len(data.every_train.dataset), self.batch_size or data.every_train.batch_size
+        return -(-examples // batch)  # every training example, labelled or not, in this stage's batches
+
     def prepare(self, model: nn.Module, ctx: Context) -> PreparedPretrain:
         return PreparedPretrain(model, find_encoder(model, self.head, ctx.data.num_classes, f"stage.{ctx.stage_name}.head"))
 
@@ -128,23 +152,19 @@ class Pretrain(TrainingStage):
             collate = Masking(load_tokenizer(ctx.cfg.data.tokenizer, ctx.cfg.data.get("offline", True)), self.mask_probability)
         seed = unlabeled.sampler.seed if isinstance(unlabeled.sampler, SeededShuffle) else int(ctx.cfg.seed)
         dataset = _raw(unlabeled.dataset)
-        train = DataLoader(dataset, batch_size=self.batch_size or unlabeled.batch_size, sampler=SeededShuffle(len(dataset), seed), collate_fn=collate)
+        train = DataLoader(dataset, batch_size=self.batch_size or unlabeled.batch_size, sampler=SeededShuffle(len(dataset), seed),
+                           collate_fn=collate, num_workers=unlabeled.num_workers)
         scored = DataLoader(_raw(val.dataset), batch_size=val.batch_size, collate_fn=collate)
-        head = encoder.head_parameters(model)
-        trainable = [param.requires_grad for param in head]
-        for param in head:  # the representation's pretext training leaves the head as it was
-            param.requires_grad_(False)
-        try:
-            trainer = make_trainer(ctx, name, self.training_overrides(monitor="val_loss"), loss_fn=objective, task=task)
+        hooks = [HeadWarmup(self.head_warmup_steps)] if self.head_warmup_steps else []
+        with Frozen(model, [], f"{where}.head", encoder.head_parameters(model)):  # the classification head stays as it was
+            trainer = make_trainer(ctx, name, self.training_overrides(monitor="val_loss"), loss_fn=objective, task=task, hooks=hooks)
             result = trainer.fit(model, train, scored, resume=ctx.resume)
-        finally:
-            for param, was in zip(head, trainable):
-                param.requires_grad_(was)
         bank = features_of(encoder, model, ctx.data.train, ctx.task.split, ctx.precision)
         scores = {}
         for split, loader in (("val_knn_accuracy", ctx.data.val), ("knn_accuracy", ctx.data.test)):
             queries = features_of(encoder, model, loader, ctx.task.split, ctx.precision)
             scores[split] = knn_accuracy(*bank, *queries, self.knn_k, ctx.data.num_classes)
         metrics = fit_metrics(result)
-        return StageResult(model, {**metrics, "method": method, "pretrain_val_loss": metrics.pop("best_val"), **scores,
+        best = metrics.pop("best_val")
+        return StageResult(model, {**metrics, "method": method, "pretrain_val_loss": best, **scores,
                                    "knn_labels": len(bank[1]), "encoder": encoder.describe(model)})

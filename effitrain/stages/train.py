@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import inspect
 from dataclasses import dataclass, field
-from typing import Any, Callable, Dict, Optional, Sequence
+from typing import Any, Callable, Dict, List, Optional, Sequence
 
 from hydra.utils import instantiate
 from omegaconf import MISSING, DictConfig, OmegaConf
@@ -13,6 +13,7 @@ from torch import nn
 
 from effitrain.config.schema import TrainerConfig, merge_training
 from effitrain.errors import ConfigError
+from effitrain.layers import matching_modules
 from effitrain.stages.base import Context, Prepared, Stage, StageResult
 from effitrain.trainer import FitResult, Hook, Trainer
 from effitrain.trainer.loop import LossFn
@@ -154,6 +155,44 @@ class TrainingStage(Stage):
         return [plan_fit(cfg, name, self.training_overrides(), batches)] if self.trains() else []
 
 
+class KeepEval(Hook):
+    """Frozen modules run in eval mode while the rest trains (BatchNorm statistics kept)."""
+
+    def __init__(self, modules: list[nn.Module]) -> None:
+        self.modules = modules
+
+    def on_epoch_start(self, trainer: Trainer) -> None:
+        for module in self.modules:
+            module.eval()
+
+
+class Frozen:
+    """Inside: the modules matching `patterns` are not trained (their parameters' gradients off;
+    `hooks` keeps them in eval mode for the trainer); restored on the way out, errors included.
+
+    Raises:
+        ConfigError: a pattern that matches no module with parameters.
+    """
+
+    def __init__(self, model: nn.Module, patterns: list[str], where: str, parameters: Sequence[nn.Parameter] = ()) -> None:
+        self.modules = matching_modules(model, list(patterns), where)
+        known: dict[int, nn.Parameter] = {id(param): param for module in self.modules for param in module.parameters()}
+        known.update({id(param): param for param in parameters})  # more parameters held still (e.g. a head during pre-training)
+        self.parameters = list(known.values())
+        self.hooks: list[Hook] = [KeepEval(self.modules)] if self.modules else []
+        self.count = sum(param.numel() for module in self.modules for param in module.parameters())
+
+    def __enter__(self) -> "Frozen":
+        self._trainable = [param.requires_grad for param in self.parameters]
+        for param in self.parameters:
+            param.requires_grad_(False)
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        for param, was in zip(self.parameters, self._trainable):
+            param.requires_grad_(was)
+
+
 @dataclass
 class Train(TrainingStage):
     """Train the model on the training split, validating each epoch.
@@ -162,14 +201,24 @@ class Train(TrainingStage):
         model: a model config to train from scratch instead of the model handed in (e.g. a
             control run; initialised from `seed`, like every model a stage builds); null
             continues with the incoming model.
+        freeze: module-name patterns this stage leaves as they are: their parameters are not
+            trained and they run in eval mode (BatchNorm statistics kept, no dropout); e.g.
+            [features] trains only the head on a pre-trained encoder (a linear probe, the first
+            half of LP-FT, Kumar et al. 2022); [] trains everything.
     """
 
     kind = "train"
     model: Optional[Dict[str, Any]] = MISSING
+    freeze: List[str] = field(default_factory=list)  # default here as in the YAML, for run folders made before the field
 
     def prepare(self, model: nn.Module, ctx: Context) -> Prepared:
         return Prepared(ctx.build_model(OmegaConf.create(self.model), seeded=True) if self.model is not None else model)
 
     def run(self, name: str, prepared: Prepared, ctx: Context) -> StageResult:
-        result = make_trainer(ctx, name, self.training_overrides()).fit(prepared.model, ctx.data.train, ctx.data.val, resume=ctx.resume)
-        return StageResult(prepared.model, fit_metrics(result))
+        with Frozen(prepared.model, self.freeze, f"stage.{name}.freeze") as frozen:
+            trainer = make_trainer(ctx, name, self.training_overrides(), hooks=frozen.hooks)
+            result = trainer.fit(prepared.model, ctx.data.train, ctx.data.val, resume=ctx.resume)
+        metrics = fit_metrics(result)
+        if frozen.count:
+            metrics["frozen_params"] = frozen.count
+        return StageResult(prepared.model, metrics)

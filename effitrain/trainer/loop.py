@@ -238,9 +238,9 @@ class Trainer:
         settings, precision, model, optimizer = self.settings, self.precision, self.model, self.optimizer
         assert model is not None and optimizer is not None
         steps.set_epoch(self.epoch)  # the data order depends only on (seed, epoch)
+        model.train()  # before the hooks, which may set parts of the model otherwise (frozen modules stay in eval mode)
         for hook in self.hooks:
             hook.on_epoch_start(self)
-        model.train()
         share = self.group.size  # a micro-batch's mean loss counts as its share of the global batch
         loss_sum, loss_count, samples, started = 0.0, 0, 0, time.perf_counter()
         for step in steps:
@@ -345,8 +345,9 @@ class Trainer:
         state = load_state(self._last_state_path)
         saved = state.get("rng_per_process") or [state["rng"]]  # checkpoints made before processes were counted
         if len(saved) != self.group.size:
-            raise ConfigError(f"{self._last_state_path}: written by {len(saved)} process(es); resuming it takes the same number "
-                              f"(allowed: trainer.devices={len(saved)})")
+            raise ConfigError(f"{self._last_state_path}: written by {len(saved)} process(es), resumed on {self.group.size}; each process "
+                              f"continues its own random state (allowed: the same count: a run started with trainer.devices resumes "
+                              f"with it, one started by torchrun with torchrun --nproc_per_node={len(saved)} -m effitrain resume RUN_DIR)")
         load_weights(self.model, self.checkpoint_dir / "last.safetensors")
         self.optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
