@@ -18,6 +18,7 @@ from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
 from effitrain.config.schema import validate
+from effitrain.data.build import build_data, check_data_options
 from effitrain.errors import ConfigError, EffitrainError, TrainingError, require
 from effitrain.measure import measure
 from effitrain.precision import PrecisionPolicy, build_precision, resolve_device
@@ -25,6 +26,7 @@ from effitrain.predictions import write_predictions
 from effitrain.ledger import Ledger, ledger_table, render_text
 from effitrain.runlog import RunLogger
 from effitrain.parallel import world as parallel
+from effitrain.parallel.checks import check_processes
 from effitrain.runfiles import read_summary, write_json
 from effitrain.runs import load_run_model, replay
 from effitrain.stages.base import Context, Prepared, Stage, StageResult, build_model, build_stage
@@ -69,44 +71,6 @@ def precision_from_config(cfg: DictConfig) -> PrecisionPolicy:
     if device.type == "cuda" and world.distributed:
         device = torch.device("cuda", world.local_rank)
     return build_precision(settings.policy, device, settings.init_scale, settings.growth_interval, settings.max_skipped_steps)
-
-
-def check_processes(cfg: DictConfig, device: torch.device) -> None:
-    """`trainer.devices` and its settings fit this machine, the data and every stage's
-    accumulation (checked before any process starts).
-
-    Raises:
-        ConfigError: the first problem found.
-    """
-    from effitrain.parallel.batches import check_divides
-    from effitrain.parallel.launch import check_port
-
-    settings = cfg.trainer
-    devices = int(settings.devices)
-    backend = parallel.choose_backend(settings.dist_backend, device)
-    if backend == "nccl" and device.type != "cuda":
-        raise ConfigError(f"trainer.dist_backend = 'nccl' needs CUDA devices; this run is on {device} (allowed here: gloo, auto)")
-    if devices > 1 and device.type == "cuda":
-        if device.index is not None:
-            raise ConfigError(f"device = {cfg.device!r} names one GPU, and trainer.devices = {devices} needs {devices} "
-                              "(allowed: device=cuda or auto, one process per GPU; or trainer.devices=1)")
-        if devices > torch.cuda.device_count():
-            raise ConfigError(f"trainer.devices = {devices}: only {torch.cuda.device_count()} CUDA device(s) here "
-                              f"(allowed: 1..{torch.cuda.device_count()})")
-    world = parallel.current()
-    processes = world.size if world.distributed else devices
-    batch = cfg.data.get("batch_size")
-    if isinstance(batch, int) and batch > 0:
-        accums = {("trainer.grad_accum_steps", int(settings.grad_accum_steps))}
-        for name, stage in cfg.stage.items():
-            accum = ((stage.get("trainer") or {}).get("grad_accum_steps"))
-            if accum is not None:
-                accums.add((f"stage.{name}.trainer.grad_accum_steps", int(accum)))
-        for where, accum in sorted(accums):
-            if processes > 1 or accum > 1:
-                check_divides(batch, processes, accum, "data.batch_size")
-    if devices > 1 and not world.distributed:
-        check_port(settings.dist_port)
 
 
 def build_task(node: DictConfig) -> Task:
@@ -227,58 +191,6 @@ def _initial_model(plan: RunPlan) -> nn.Module:
     model, rng = kept
     torch.set_rng_state(rng)  # as if built just now
     return model
-
-
-def build_data(cfg: DictConfig) -> Any:
-    """Instantiate the `data` config into a DataBundle, with one-line errors; then apply the data
-    options effitrain owns for every builder: `label_fraction` (a stratified, seeded subset of
-    the training labels) and `mix` (Mixup/CutMix on training batches)."""
-    from effitrain.data.labels import keep_labels
-    from effitrain.data.mixing import check_mix, mix_loader
-
-    node = OmegaConf.masked_copy(cfg.data, [key for key in cfg.data if key not in DATA_OPTIONS])
-    try:
-        bundle = instantiate(node, _convert_="all")
-    except EffitrainError:
-        raise
-    except Exception as error:  # instantiate wraps what the builder raises
-        cause = error.__cause__ or error
-        if isinstance(cause, EffitrainError):
-            raise cause from None
-        raise ConfigError(f"data: cannot build {cfg.data.get('_target_')!r} ({str(cause).splitlines()[0]})") from None
-    fraction = cfg.data.get("label_fraction")
-    if fraction is not None and fraction != 1:
-        bundle = keep_labels(bundle, float(fraction), int(cfg.data.get("split_seed", 0)))
-    mix = check_mix(OmegaConf.to_container(cfg.data.mix) if cfg.data.get("mix") else None)
-    if mix is not None:
-        bundle.train = mix_loader(bundle.train, mix, bundle.num_classes)
-    return bundle
-
-
-DATA_OPTIONS = ("mix", "label_fraction")  # data keys effitrain applies to whatever the builder returns
-
-
-def check_data_options(cfg: DictConfig, task: Task) -> None:
-    """`data.mix` and `data.label_fraction` fit the data and the task (before any work).
-
-    Raises:
-        ConfigError: the first problem found.
-    """
-    from effitrain.data.mixing import check_mix
-    from effitrain.tasks import Classification
-
-    fraction = cfg.data.get("label_fraction")
-    if fraction is not None and not (isinstance(fraction, (int, float)) and not isinstance(fraction, bool) and 0 < fraction <= 1):
-        raise ConfigError(f"data.label_fraction = {fraction!r} is not allowed (allowed: a fraction in (0, 1])")
-    mix = check_mix(OmegaConf.to_container(cfg.data.mix) if cfg.data.get("mix") else None)
-    if mix is None:
-        return
-    if cfg.data.get("tokenizer"):
-        raise ConfigError(f"data.mix = {mix['kind']!r}: Mixup and CutMix mix images; data {cfg.data.get('_target_')!r} is text "
-                          "(allowed: data.mix=null)")
-    if not isinstance(task, Classification):
-        raise ConfigError(f"data.mix = {mix['kind']!r}: mixing makes soft class targets, and the task {task.name} is not a "
-                          "classification (allowed: data.mix=null)")
 
 
 def planned_schedule(cfg: DictConfig) -> list[tuple[str, str, Any]]:

@@ -98,6 +98,7 @@ PROGRESS = ("auto", "on", "off")
 DIST_BACKENDS = ("auto", "gloo", "nccl")
 # trainer keys of the whole run (how many processes, how they talk): not overridable per stage
 RUN_TRAINER_KEYS = ("devices", "dist_backend", "dist_port", "dist_timeout_s")
+DATA_OPTIONS = ("mix", "label_fraction")  # data keys effitrain applies to whatever the builder returns (not the builder's arguments)
 DIRECTIONS = ("maximize", "minimize")
 # What a stage may override per stage (stage.<name>.trainer / optimizer / scheduler); null = global value.
 STAGE_OPTIMIZER_KEYS = ("lr", "weight_decay")
@@ -232,8 +233,7 @@ def validate(cfg: DictConfig, targets: bool = True) -> DictConfig:
         if objective.stage is not None:
             require(objective.stage in typed.stage, f"objective[{index}].stage", objective.stage, ", ".join(typed.stage))
     if targets:
-        data_call = OmegaConf.masked_copy(typed.data, [key for key in typed.data if key not in ("mix", "label_fraction")])
-        check_call(data_call, "data")  # mix and label_fraction are effitrain's, applied to what the builder returns
+        check_call(OmegaConf.masked_copy(typed.data, [key for key in typed.data if key not in DATA_OPTIONS]), "data")
         for section in ("optimizer", "scheduler", "task"):
             check_call(typed[section], section)
         check_data_files(typed.data)
