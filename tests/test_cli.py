@@ -11,7 +11,7 @@ import pytest
 
 from effitrain.config import recipe_files
 
-from conftest import assert_refused, TINY, read_summary, run_and_kill, run_cli, run_dirs
+from conftest import run_cli_batch, assert_refused, TINY, read_summary, run_and_kill, run_cli, run_dirs
 
 
 def test_run_writes_the_run_folder_contract(workdir: Path) -> None:
@@ -130,10 +130,17 @@ BAD_INPUTS = [
 ]
 
 
+@pytest.fixture(scope="module")
+def bad_inputs(tmp_path_factory) -> dict:
+    """Every case of BAD_INPUTS through the CLI, in one process (see conftest.run_cli_batch)."""
+    cases = [["run", *TINY, override] for override, _ in BAD_INPUTS]
+    return dict(zip((override for override, _ in BAD_INPUTS), run_cli_batch(cases, tmp_path_factory.mktemp("refused"))))
+
+
 @pytest.mark.parametrize("override,message", BAD_INPUTS, ids=[case[0] for case in BAD_INPUTS])
-def test_bad_input_is_one_line_exit_2_and_no_run_folder(workdir: Path, override: str, message: str) -> None:
-    result = run_cli("run", *TINY, override, cwd=workdir)
-    assert_refused(result, message, workdir)
+def test_bad_input_is_one_line_exit_2_and_no_run_folder(bad_inputs: dict, override: str, message: str) -> None:
+    folder, result = bad_inputs[override]
+    assert_refused(result, message, folder)
 
 
 def test_bad_sweep_value_is_caught_before_any_job(workdir: Path) -> None:
@@ -171,7 +178,7 @@ def test_a_dataset_folder_without_the_files_fails_with_path_and_failed_status(wo
 
 
 def test_resume_after_kill_matches_uninterrupted_run(workdir: Path) -> None:
-    settings = [*TINY, "trainer.max_epochs=30", "data.num_samples=4000", "model.hidden=[64]"]
+    settings = [*TINY, "trainer.max_epochs=12", "data.num_samples=2000", "model.hidden=[64]", "measure.final_retime=false"]
     assert run_cli("run", *settings, "hydra.run.dir=full", cwd=workdir).returncode == 0
     run_and_kill(["run", *settings, "hydra.run.dir=killed"], workdir, workdir / "killed" / "checkpoints" / "train" / "last_state.pt")
     assert read_summary(workdir / "killed")["status"] == "running"  # killed mid-training, not finished

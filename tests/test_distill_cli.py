@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import assert_refused, read_summary, run_cli, run_dirs
+from conftest import run_cli_batch, assert_refused, read_summary, run_cli, run_dirs
 
 TINY_DIGITS = ["data=synthetic", "trainer.max_epochs=2", "measure.repeats=10", "measure.warmup=1"]
 
@@ -55,10 +55,17 @@ BAD = [
 ]
 
 
+@pytest.fixture(scope="module")
+def bad_distill(tmp_path_factory) -> dict:
+    """Every case of BAD through the CLI, in one process (see conftest.run_cli_batch)."""
+    cases = [["run", "recipe=distill_digits", *TINY_DIGITS, override] for override, _ in BAD]
+    return dict(zip((override for override, _ in BAD), run_cli_batch(cases, tmp_path_factory.mktemp("refused"))))
+
+
 @pytest.mark.parametrize("override,message", BAD, ids=[case[0] for case in BAD])
-def test_bad_distill_input_is_one_line_and_no_run_folder(workdir: Path, override: str, message: str) -> None:
-    result = run_cli("run", "recipe=distill_digits", *TINY_DIGITS, override, cwd=workdir)
-    assert_refused(result, message, workdir)
+def test_bad_distill_input_is_one_line_and_no_run_folder(bad_distill: dict, override: str, message: str) -> None:
+    folder, result = bad_distill[override]
+    assert_refused(result, message, folder)
 
 
 def test_unknown_feature_layer_stops_before_training_with_valid_names(workdir: Path) -> None:

@@ -20,7 +20,7 @@ from effitrain.prune.structured import prune_channels, shrink_to
 from effitrain.runlog import RunLogger
 from effitrain.trainer import Trainer
 
-from conftest import assert_refused, read_summary, run_cli, run_dirs, schedule, trainer_config
+from conftest import run_cli_batch, assert_refused, read_summary, run_cli, run_dirs, schedule, trainer_config
 
 
 def make_trainer(folder: Path, hook: MaskHook, epochs: int = 2) -> Trainer:
@@ -206,10 +206,17 @@ BAD = [
 ]
 
 
+@pytest.fixture(scope="module")
+def bad_prune(tmp_path_factory) -> dict:
+    """Every case of BAD through the CLI, in one process (see conftest.run_cli_batch)."""
+    cases = [["run", "recipe=prune_gradual_digits", *TINY, *override.split()] for override, _ in BAD]
+    return dict(zip((override for override, _ in BAD), run_cli_batch(cases, tmp_path_factory.mktemp("refused"))))
+
+
 @pytest.mark.parametrize("override,message", BAD, ids=[case[0] for case in BAD])
-def test_bad_prune_input_is_one_line_and_no_run_folder(workdir: Path, override: str, message: str) -> None:
-    result = run_cli("run", "recipe=prune_gradual_digits", *TINY, *override.split(), cwd=workdir)
-    assert_refused(result, message, workdir)
+def test_bad_prune_input_is_one_line_and_no_run_folder(bad_prune: dict, override: str, message: str) -> None:
+    folder, result = bad_prune[override]
+    assert_refused(result, message, folder)
 
 
 def test_unknown_module_pattern_is_one_line(workdir: Path) -> None:

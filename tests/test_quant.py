@@ -22,7 +22,7 @@ from effitrain.quant.backends import QUANTIZABLE, QuantSpec
 from effitrain.quant.weight_only import QuantizedWeight
 from effitrain.quant.x86 import DynamicInt8Linear
 
-from conftest import assert_refused, read_summary, run_cli
+from conftest import run_cli_batch, assert_refused, read_summary, run_cli
 
 
 @pytest.mark.parametrize("bits", [4, 8])
@@ -142,10 +142,17 @@ BAD = [
 ]
 
 
+@pytest.fixture(scope="module")
+def bad_quant(tmp_path_factory) -> dict:
+    """Every case of BAD through the CLI, in one process (see conftest.run_cli_batch)."""
+    cases = [["run", "recipe=quantize_digits", *TINY, override] for override, _ in BAD]
+    return dict(zip((override for override, _ in BAD), run_cli_batch(cases, tmp_path_factory.mktemp("refused"))))
+
+
 @pytest.mark.parametrize("override,message", BAD, ids=[case[0] for case in BAD])
-def test_bad_quant_input_is_one_line_and_no_run_folder(workdir: Path, override: str, message: str) -> None:
-    result = run_cli("run", "recipe=quantize_digits", *TINY, override, cwd=workdir)
-    assert_refused(result, message, workdir)
+def test_bad_quant_input_is_one_line_and_no_run_folder(bad_quant: dict, override: str, message: str) -> None:
+    folder, result = bad_quant[override]
+    assert_refused(result, message, folder)
 
 
 def test_a_backend_missing_on_the_device_names_the_available_ones() -> None:

@@ -13,7 +13,7 @@ import pytest
 
 from effitrain.config import CONF_DIR
 
-from conftest import TINY, assert_refused, read_summary, run_cli
+from conftest import run_cli_batch, TINY, assert_refused, read_summary, run_cli
 
 PACKAGE = CONF_DIR.parent / "effitrain" if (CONF_DIR.parent / "effitrain").is_dir() else CONF_DIR.parent
 
@@ -191,9 +191,17 @@ BAD_SEAMS = [
 ]
 
 
+@pytest.fixture(scope="module")
+def bad_seams(tmp_path_factory) -> dict:
+    """Every case of BAD_SEAMS through the CLI, in one process (see conftest.run_cli_batch)."""
+    cases = [["run", *TINY, override] for override, _ in BAD_SEAMS]
+    return dict(zip((override for override, _ in BAD_SEAMS), run_cli_batch(cases, tmp_path_factory.mktemp("refused"))))
+
+
 @pytest.mark.parametrize("override,message", BAD_SEAMS, ids=[case[0] for case in BAD_SEAMS])
-def test_bad_seam_input_is_one_line_and_no_run_folder(workdir: Path, override: str, message: str) -> None:
-    assert_refused(run_cli("run", *TINY, override, cwd=workdir), message, workdir)
+def test_bad_seam_input_is_one_line_and_no_run_folder(bad_seams: dict, override: str, message: str) -> None:
+    folder, result = bad_seams[override]
+    assert_refused(result, message, folder)
 
 
 def test_optuna_searches_the_validation_objective_in_its_direction(workdir: Path) -> None:
