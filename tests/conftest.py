@@ -19,7 +19,9 @@ TESTS_DIR = Path(__file__).resolve().parent
 
 
 def run_cli(*args: str, cwd: Path, timeout: float = 240, user_code: bool = False) -> subprocess.CompletedProcess:
-    """Run `effitrain ARGS` in `cwd` and return the finished process (text output).
+    """Run `effitrain ARGS` (as `python -m effitrain.cli ARGS`) in `cwd` and return the finished
+    process (text output). The process is forked from a zygote that has imported torch and
+    effitrain once (tests/cli_zygote.py); EFFITRAIN_TESTS_FRESH=1 starts each from scratch instead.
 
     Args:
         user_code: put the tests folder on PYTHONPATH, as a user's own package (userplugins.py).
@@ -27,9 +29,64 @@ def run_cli(*args: str, cwd: Path, timeout: float = 240, user_code: bool = False
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     if user_code:
         env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(TESTS_DIR), env.get("PYTHONPATH", "")]))
-    return subprocess.run(
-        [sys.executable, "-m", "effitrain.cli", *args], cwd=cwd, capture_output=True, text=True, timeout=timeout, env=env
-    )
+    if os.environ.get("EFFITRAIN_TESTS_FRESH") == "1":
+        return subprocess.run([sys.executable, "-m", "effitrain.cli", *args], cwd=cwd, capture_output=True, text=True,
+                              timeout=timeout, env=env)
+    return _zygote().run(list(args), Path(cwd), env, timeout)
+
+
+class _Zygote:
+    """The test session's one tests/cli_zygote.py process: requests in on its stdin, pids and exit codes back."""
+
+    def __init__(self) -> None:
+        self.process = subprocess.Popen([sys.executable, str(TESTS_DIR / "cli_zygote.py")], stdin=subprocess.PIPE,
+                                        stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, bufsize=0)
+        self._pending = b""
+        if self._line(timeout=300) != "ready":
+            raise RuntimeError("tests/cli_zygote.py did not start")
+
+    def _line(self, timeout: float) -> str | None:
+        """The next reply line, or None when `timeout` seconds pass first."""
+        import select
+        import time
+
+        deadline = time.monotonic() + timeout
+        while b"\n" not in self._pending:
+            left = deadline - time.monotonic()
+            if left <= 0 or not select.select([self.process.stdout], [], [], left)[0]:
+                return None
+            chunk = os.read(self.process.stdout.fileno(), 4096)
+            if not chunk:
+                raise RuntimeError("tests/cli_zygote.py ended")
+            self._pending += chunk
+        line, self._pending = self._pending.split(b"\n", 1)
+        return line.decode()
+
+    def run(self, args: list[str], cwd: Path, env: dict[str, str], timeout: float) -> subprocess.CompletedProcess:
+        import signal
+        import tempfile
+
+        with tempfile.TemporaryDirectory() as folder:
+            out, err = Path(folder, "stdout"), Path(folder, "stderr")
+            request = {"args": args, "cwd": str(cwd.resolve()), "env": env, "stdout": str(out), "stderr": str(err)}
+            self.process.stdin.write((json.dumps(request) + "\n").encode())
+            pid = int(self._line(timeout=60))
+            code = self._line(timeout)
+            if code is None:  # as subprocess.run does on a timeout: kill the process, then raise
+                os.kill(pid, signal.SIGKILL)
+                self._line(timeout=60)
+                raise subprocess.TimeoutExpired(["effitrain", *args], timeout, out.read_text(), err.read_text())
+            return subprocess.CompletedProcess(["effitrain", *args], int(code), out.read_text(errors="replace"),
+                                               err.read_text(errors="replace"))
+
+
+_ZYGOTE: list[_Zygote] = []
+
+
+def _zygote() -> _Zygote:
+    if not _ZYGOTE or _ZYGOTE[0].process.poll() is not None:
+        _ZYGOTE[:] = [_Zygote()]
+    return _ZYGOTE[0]
 
 
 BATCH = """
