@@ -177,6 +177,10 @@ def check(cfg: DictConfig, keep_model: bool = False) -> RunPlan:
     plan = make_plan(cfg)
     seed_everything(plan.cfg.seed)
     model = build_model(plan.cfg.model)
+    for name, stage in plan.stages.items():  # layer names and heads, on the model each stage will be handed
+        stage.check_model(model, plan.cfg, name)
+        if not stage.keeps_architecture():
+            break
     if keep_model:
         _MODELS[_model_key(plan)] = (model, torch.get_rng_state())
     _PLANS[_key(cfg)] = plan

@@ -195,6 +195,12 @@ def test_bad_learning_technique_settings_are_refused_before_any_work() -> None:
         "stage.pre.method = 'mlm' needs text data with a tokenizer (data.tokenizer); data 'effitrain.data.synthetic.build_synthetic' "
         "has none (allowed: simclr, auto)")
     assert _refusal("+stage@stage.pre=pretrain", "stage.pre.temperature=0") == "stage.pre.temperature = 0.0 is not allowed (allowed: a number > 0)"
+    # names of the model's modules, checked on the recipe's model before any stage runs
+    views = "stage.pre.views=[{_target_: torchvision.transforms.v2.RandomAffine, degrees: 5}]"
+    assert _refusal("+stage@stage.pre=pretrain", "stage.pre.head=decoder", "objective.0.stage=train", views).startswith(
+        "stage.pre.head = 'decoder': no such module in MLP (allowed: auto, or one of layers, layers.0")
+    assert _refusal("stage.train.freeze=[encoder]") == \
+        "stage.train.freeze: pattern 'encoder' matches no module with parameters (top-level modules: layers)"
 
 
 def test_mixing_text_is_refused(workdir: Path) -> None:
@@ -210,9 +216,8 @@ def test_pretrain_without_an_encoder_it_can_find_and_too_few_labels(workdir: Pat
     result = run_cli("run", "recipe=baseline", "data=synthetic", "~model", "+model={_target_: userplugins.ConvHeadNet, num_classes: 4}",
                      "+stage@stage.pre=pretrain", views, "objective.0.stage=train", "measure.repeats=10", "report=false",
                      cwd=workdir, user_code=True)
-    assert result.returncode == 2 and "Traceback" not in result.stderr
-    assert result.stderr.strip() == ("error: stage.pre.head = 'auto': found no encoder in ConvHeadNet: looked for a transformers base "
-                                     "model, a child module named classifier, fc, head, and a Linear layer with 4 outputs (allowed: "
-                                     "the name of the module whose input is the representation)")
+    assert_refused(result, "error: stage.pre.head = 'auto': found no encoder in ConvHeadNet: looked for a transformers base "
+                           "model, a child module named classifier, fc, head, and a Linear layer with 4 outputs (allowed: "
+                           "the name of the module whose input is the representation)", workdir)  # before train and evaluate ran
     few = run_cli("run", *TINY, "data.label_fraction=0.005", cwd=workdir)
     assert few.returncode == 2 and "data.label_fraction = 0.005 keeps no label of class" in few.stderr

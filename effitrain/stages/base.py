@@ -127,6 +127,17 @@ class Stage:
     def check(self, cfg: DictConfig, name: str) -> None:
         """Check what depends on the whole validated config and the files the stage will read."""
 
+    def check_model(self, model: nn.Module, cfg: DictConfig, name: str) -> None:
+        """Check what depends on the model this stage is handed (layer names, a head), before any
+        work: `model` is the recipe's model as built, passed to every stage until the first that
+        does not `keep_architecture` (later stages see another model and check in `prepare`).
+        Must not change `model`."""
+
+    def keeps_architecture(self) -> bool:
+        """Whether the model this stage hands on has the modules of the one it is handed (so the
+        stages after it can be checked against the recipe's model)."""
+        return False
+
     def prepare(self, model: nn.Module, ctx: Context) -> Prepared:
         """Return what this stage starts from: by default the model handed in."""
         return Prepared(model)

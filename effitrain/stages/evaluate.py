@@ -15,5 +15,8 @@ class Evaluate(Stage):
     kind = "evaluate"
     on_every_rank = False  # measures (and times) on rank 0; the other processes load what it saved
 
+    def keeps_architecture(self) -> bool:
+        return True
+
     def run(self, name: str, prepared: Prepared, ctx: Context) -> StageResult:
         return StageResult(prepared.model)

@@ -125,6 +125,12 @@ class Pretrain(TrainingStage):
             except ConfigError as error:
                 raise ConfigError(f"{where}.views: {str(error).split(': ', 1)[-1]}") from None
 
+    def keeps_architecture(self) -> bool:
+        return True  # the pretext head lives in the loss, not in the model
+
+    def check_model(self, model: nn.Module, cfg: DictConfig, name: str) -> None:
+        find_encoder(model, self.head, cfg.data.num_classes, f"stage.{name}.head")
+
     def batches_per_epoch(self, data: Any) -> int:
         examples, batch = len(data.every_train.dataset), self.batch_size or data.every_train.batch_size
         return -(-examples // batch)  # every training example, labelled or not, in this stage's batches

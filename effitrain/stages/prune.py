@@ -117,6 +117,12 @@ class Prune(Stored, TrainingStage):
             why = "structured pruning leaves smaller dense layers" if self.granularity == "structured" else "sparsity 0 prunes nothing"
             raise not_allowed("storage", self.storage, f"auto, plain ({why}: nothing sparse to store)")
 
+    def check_model(self, model: nn.Module, cfg: DictConfig, name: str) -> None:
+        where = f"stage.{name}"
+        own = layer_sparsities(list(prunable(model)), self.sparsity, self.overrides or {}, f"{where}.overrides")
+        if self.distribution == "erk":
+            erk_sparsities({layer: tuple(weight.shape) for layer, weight in prunable(model).items()}, self.sparsity, own, where)
+
     def prepare(self, model: nn.Module, ctx: Context) -> PreparedPrune:
         return PreparedPrune(model, ctx.example_batch(2))
 

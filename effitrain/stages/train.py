@@ -211,6 +211,13 @@ class Train(TrainingStage):
     model: Optional[Dict[str, Any]] = MISSING
     freeze: List[str] = field(default_factory=list)  # default here as in the YAML, for run folders made before the field
 
+    def keeps_architecture(self) -> bool:
+        return self.model is None
+
+    def check_model(self, model: nn.Module, cfg: DictConfig, name: str) -> None:
+        if self.model is None:  # a model of its own is built (and its freeze patterns checked) when the stage starts
+            Frozen(model, self.freeze, f"stage.{name}.freeze")
+
     def prepare(self, model: nn.Module, ctx: Context) -> Prepared:
         return Prepared(ctx.build_model(OmegaConf.create(self.model), seeded=True) if self.model is not None else model)
 
