@@ -153,6 +153,7 @@ def make_plan(cfg: DictConfig) -> RunPlan:
 # again. Jobs of other launchers (joblib, submitit) run elsewhere and plan for themselves.
 _PLANS: dict[str, RunPlan] = {}
 _MODELS: dict[str, tuple[nn.Module, torch.Tensor]] = {}  # key -> (model, torch RNG state right after building it)
+_DATA: dict[str, Any] = {}  # key -> the DataBundle a check had to build
 
 
 def _key(cfg: DictConfig) -> str:
@@ -165,7 +166,8 @@ def _model_key(plan: RunPlan) -> str:
 
 def check(cfg: DictConfig, keep_model: bool = False) -> RunPlan:
     """Everything that can be checked before a run folder exists: config, task, stages, the
-    files stages read, device, precision and the model (built once).
+    files stages read, device, precision, the model (built once) and the module names stages
+    look for in it, and with `data.label_fraction` the training labels (the data built once).
 
     Args:
         keep_model: keep the built model for the run about to start in this process (a single
@@ -183,8 +185,16 @@ def check(cfg: DictConfig, keep_model: bool = False) -> RunPlan:
             break
     if keep_model:
         _MODELS[_model_key(plan)] = (model, torch.get_rng_state())
+    if plan.cfg.data.get("label_fraction") not in (None, 1):  # whether every class keeps a label: the training labels say
+        data = build_data(plan.cfg)
+        if keep_model:
+            _DATA[_data_key(plan)] = data
     _PLANS[_key(cfg)] = plan
     return plan
+
+
+def _data_key(plan: RunPlan) -> str:
+    return f"{plan.cfg.seed}\n{OmegaConf.to_yaml(plan.cfg.data)}"
 
 
 def _initial_model(plan: RunPlan) -> nn.Module:
@@ -357,7 +367,8 @@ def run_stages(plan: RunPlan, run_dir: Path, recipe: str) -> float | tuple[float
     completed = ledger.completed if ledger is not None else ({row["name"] for row in read_summary(run_dir)["stages"]} if cfg.resume else set())
     logger: Any = RunLogger(run_dir) if world.main else NullLogger()
     try:
-        data = build_data(cfg)
+        data = _DATA.pop(_data_key(plan), None)
+        data = build_data(cfg) if data is None else data
         ctx = Context(cfg=cfg, precision=precision, data=data, task=task, run_dir=run_dir, logger=logger, resume=bool(cfg.resume),
                       load_run=lambda path, stage: load_run_model(path, stage)[0])
         model = _initial_model(plan).to(device)
