@@ -44,3 +44,20 @@ def require(ok: bool, key: str, value: Any, allowed: str) -> None:
 def require_choice(key: str, value: Any, choices: tuple[str, ...] | list[str]) -> None:
     """Raise unless `value` is one of `choices` (listed in the message)."""
     require(value in choices, key, value, ", ".join(choices))
+
+
+def instantiate_or_explain(node: Any, what: str, **kwargs: Any) -> Any:
+    """Hydra's `instantiate(node, **kwargs)`, with what the target raises as one line:
+    `WHAT: cannot build 'TARGET' (first line of the cause)`; an EffitrainError it raises passes
+    through as it is (instantiate wraps it)."""
+    from hydra.utils import instantiate
+
+    try:
+        return instantiate(node, **kwargs)
+    except EffitrainError:
+        raise
+    except Exception as error:
+        cause = error.__cause__ or error
+        if isinstance(cause, EffitrainError):
+            raise cause from None
+        raise ConfigError(f"{what}: cannot build {node.get('_target_')!r} ({str(cause).splitlines()[0]})") from None

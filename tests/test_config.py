@@ -109,3 +109,14 @@ def test_trainer_schema_and_yaml_list_the_same_keys() -> None:
     # defaults live in the YAML only; a key added later also carries the YAML's value, so older run folders still load
     yaml = group_defaults("trainer", "default")
     assert all(field.default in ("???", yaml[field.name]) for field in dataclasses.fields(TrainerConfig))
+
+
+def test_a_builder_that_raises_is_one_line_naming_the_target() -> None:
+    from effitrain.data.build import build_data
+    from effitrain.errors import DataError
+    from effitrain.stages.base import build_model
+
+    with pytest.raises(ConfigError, match=r"^model: cannot build 'torch.nn.Linear' \(empty\(\): argument 'size'"):
+        build_model(OmegaConf.create({"_target_": "torch.nn.Linear", "in_features": "many", "out_features": 2}))
+    with pytest.raises(DataError, match="missing.csv"):  # the builder's own error passes through as it is
+        build_data(OmegaConf.create({"data": {"_target_": "effitrain.data.text.read_text_table", "path": "missing.csv"}}))

@@ -5,11 +5,10 @@ from __future__ import annotations
 
 from typing import Any
 
-from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from effitrain.config.schema import DATA_OPTIONS
-from effitrain.errors import ConfigError, EffitrainError
+from effitrain.errors import ConfigError, instantiate_or_explain
 from effitrain.tasks import Task
 
 
@@ -21,15 +20,7 @@ def build_data(cfg: DictConfig) -> Any:
     from effitrain.data.mixing import check_mix, mix_loader
 
     node = OmegaConf.masked_copy(cfg.data, [key for key in cfg.data if key not in DATA_OPTIONS])
-    try:
-        bundle = instantiate(node, _convert_="all")
-    except EffitrainError:
-        raise
-    except Exception as error:  # instantiate wraps what the builder raises
-        cause = error.__cause__ or error
-        if isinstance(cause, EffitrainError):
-            raise cause from None
-        raise ConfigError(f"data: cannot build {cfg.data.get('_target_')!r} ({str(cause).splitlines()[0]})") from None
+    bundle = instantiate_or_explain(node, "data", _convert_="all")
     fraction = cfg.data.get("label_fraction")
     if fraction is not None and fraction != 1:
         bundle = keep_labels(bundle, float(fraction), int(cfg.data.get("split_seed", 0)))

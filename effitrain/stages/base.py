@@ -16,7 +16,6 @@ from pathlib import Path
 from typing import Any, Callable, ClassVar, Optional
 
 import torch
-from hydra.utils import instantiate
 from omegaconf import MISSING, DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 from torch import nn
@@ -25,7 +24,7 @@ from effitrain.checkpoint import load_weights, save_compressed, save_weights
 from effitrain.config import locate
 from effitrain.config.schema import describe_omegaconf_error
 from effitrain.data import DataBundle
-from effitrain.errors import ConfigError, require_choice
+from effitrain.errors import ConfigError, instantiate_or_explain, require_choice
 from effitrain.precision import PrecisionPolicy
 from effitrain.runlog import RunLogger
 from effitrain.tasks import Task
@@ -276,15 +275,7 @@ def build_stage(name: str, stage_cfg: DictConfig) -> Stage:
 
 def build_model(model_cfg: Any) -> nn.Module:
     """Instantiate a model config (`_target_` plus arguments), with a one-line error on bad arguments."""
-    try:
-        model = instantiate(model_cfg)
-    except ConfigError:
-        raise
-    except Exception as error:  # instantiate wraps everything the target raises
-        cause = error.__cause__ or error
-        if isinstance(cause, ConfigError):
-            raise cause from None
-        raise ConfigError(f"model: cannot build {model_cfg.get('_target_')!r} ({str(cause).splitlines()[0]})") from None
+    model = instantiate_or_explain(model_cfg, "model")
     if not isinstance(model, nn.Module):
         raise ConfigError(f"model._target_ = {model_cfg.get('_target_')!r} did not return a torch nn.Module")
     if sum(p.numel() for p in model.parameters()) == 0:
