@@ -13,13 +13,12 @@ from typing import Any
 
 import numpy as np
 import torch
-from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
 from effitrain.config.schema import validate
 from effitrain.data.build import build_data, check_data_options
-from effitrain.errors import ConfigError, EffitrainError, TrainingError, require
+from effitrain.errors import ConfigError, EffitrainError, TrainingError, instantiate_or_explain, require
 from effitrain.measure import measure
 from effitrain.precision import PrecisionPolicy, build_precision, resolve_device
 from effitrain.predictions import write_predictions
@@ -74,11 +73,7 @@ def precision_from_config(cfg: DictConfig) -> PrecisionPolicy:
 
 
 def build_task(node: DictConfig) -> Task:
-    try:
-        task = instantiate(node)
-    except Exception as error:  # instantiate wraps what the target raises
-        cause = error.__cause__ or error
-        raise ConfigError(f"task: cannot build {node.get('_target_')!r} ({str(cause).splitlines()[0]})") from None
+    task = instantiate_or_explain(node, "task")
     if not isinstance(task, Task):
         raise ConfigError(f"task._target_ = {node.get('_target_')!r} is not an effitrain Task (subclass effitrain.tasks.Task)")
     return task

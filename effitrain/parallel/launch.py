@@ -108,7 +108,8 @@ def launch_workers(job: Job, devices: int, port: int | None, backend: str, timeo
     # a spawned worker re-reads the parent's start method; inside a launcher's worker (joblib's
     # loky) that is a method the worker cannot find, so the standard one is set for the launch
     inherited = multiprocessing.get_start_method(allow_none=True)
-    if inherited not in (None, "spawn", "fork", "forkserver"):
+    foreign = inherited not in (None, "spawn", "fork", "forkserver")
+    if foreign:
         multiprocessing.set_start_method("spawn", force=True)
     config = LaunchConfig(min_nodes=1, max_nodes=1, nproc_per_node=devices, run_id=uuid.uuid4().hex, rdzv_backend="c10d",
                           rdzv_endpoint=f"127.0.0.1:{port or 0}", max_restarts=0, monitor_interval=0.1, start_method="spawn")
@@ -118,7 +119,7 @@ def launch_workers(job: Job, devices: int, port: int | None, backend: str, timeo
         rank, failure = error.get_first_failure()
         raise failure_error(rank, failure.message) from None
     finally:
-        if inherited not in (None, "spawn", "fork", "forkserver"):
+        if foreign:
             multiprocessing.set_start_method(inherited, force=True)
 
 

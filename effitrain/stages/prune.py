@@ -117,11 +117,20 @@ class Prune(Stored, TrainingStage):
             why = "structured pruning leaves smaller dense layers" if self.granularity == "structured" else "sparsity 0 prunes nothing"
             raise not_allowed("storage", self.storage, f"auto, plain ({why}: nothing sparse to store)")
 
-    def check_model(self, model: nn.Module, cfg: DictConfig, name: str) -> None:
-        where = f"stage.{name}"
+    def own_sparsities(self, model: nn.Module, where: str) -> dict[str, float | None]:
+        """Each prunable layer's own sparsity (its override, or None: the global target's share),
+        with the ERK target checked reachable (schedules reach it through lower ones).
+
+        Raises:
+            ConfigError: an override pattern that matches no prunable layer, or an unreachable ERK target.
+        """
         own = layer_sparsities(list(prunable(model)), self.sparsity, self.overrides or {}, f"{where}.overrides")
         if self.distribution == "erk":
             erk_sparsities({layer: tuple(weight.shape) for layer, weight in prunable(model).items()}, self.sparsity, own, where)
+        return own
+
+    def check_model(self, model: nn.Module, cfg: DictConfig, name: str) -> None:
+        self.own_sparsities(model, f"stage.{name}")
 
     def prepare(self, model: nn.Module, ctx: Context) -> PreparedPrune:
         return PreparedPrune(model, ctx.example_batch(2))
@@ -131,9 +140,7 @@ class Prune(Stored, TrainingStage):
     def run(self, name: str, prepared: PreparedPrune, ctx: Context) -> StageResult:  # type: ignore[override]
         where = f"stage.{name}"
         model = prepared.model
-        own = layer_sparsities(list(prunable(model)), self.sparsity, self.overrides or {}, f"{where}.overrides")
-        if self.distribution == "erk":  # the final target, before any work (schedules reach it through lower ones)
-            erk_sparsities({layer: tuple(weight.shape) for layer, weight in prunable(model).items()}, self.sparsity, own, where)
+        own = self.own_sparsities(model, where)
         taylor = ([ctx.task.split(batch) for batch in itertools.islice(ctx.data.train, self.saliency_batches)]
                   if self.saliency in GRADIENT_SALIENCIES else None)
         if self.granularity == "structured":

@@ -7,30 +7,21 @@ import inspect
 from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, List, Optional, Sequence
 
-from hydra.utils import instantiate
 from omegaconf import MISSING, DictConfig, OmegaConf
 from torch import nn
 
 from effitrain.config.schema import TrainerConfig, merge_training
-from effitrain.errors import ConfigError
+from effitrain.errors import ConfigError, instantiate_or_explain
 from effitrain.layers import matching_modules
 from effitrain.stages.base import Context, Prepared, Stage, StageResult
 from effitrain.trainer import FitResult, Hook, Trainer
 from effitrain.trainer.loop import LossFn
 
 
-def _instantiate(node: DictConfig, section: str) -> Any:
-    try:
-        return instantiate(node)
-    except Exception as error:  # instantiate wraps import and argument errors alike
-        cause = error.__cause__ or error
-        raise ConfigError(f"{section}: cannot build {node.get('_target_')!r} ({str(cause).splitlines()[0]})") from None
-
-
 def scheduler_factory(node: DictConfig) -> Callable[[Any, int], Any]:
     """`make(optimizer, total_steps)` from a `scheduler` config: its `_target_` is called with the
     optimizer, and with `total_steps` when it takes that argument (effitrain's and OneCycleLR do)."""
-    partial = _instantiate(node, "scheduler")
+    partial = instantiate_or_explain(node, "scheduler")
     function = getattr(partial, "func", partial)
     try:
         takes_total = "total_steps" in inspect.signature(function).parameters
@@ -67,7 +58,7 @@ def make_trainer(
     """
     sections = merge_training(ctx.cfg, overrides, f"stage.{name}", check=False)
     settings = TrainerConfig(**OmegaConf.to_container(sections.trainer))  # type: ignore[arg-type]
-    optimizer = _instantiate(sections.optimizer, "optimizer")
+    optimizer = instantiate_or_explain(sections.optimizer, "optimizer")
     return Trainer(
         settings, lambda params: optimizer(params), scheduler_factory(sections.scheduler), ctx.precision, ctx.logger, name,
         ctx.checkpoint_dir(checkpoint_name or name), task=task if task is not None else ctx.task, loss_fn=loss_fn, hooks=hooks,
@@ -109,7 +100,7 @@ def plan_fit(cfg: DictConfig, name: str, overrides: dict[str, dict], batches: in
     steps = settings.max_epochs * per_epoch
     if settings.max_steps is not None:
         steps = min(steps, settings.max_steps)
-    optimizer = _instantiate(sections.optimizer, "optimizer")([torch.nn.Parameter(torch.zeros(1))])
+    optimizer = instantiate_or_explain(sections.optimizer, "optimizer")([torch.nn.Parameter(torch.zeros(1))])
     scheduler = scheduler_factory(sections.scheduler)(optimizer, steps)
     lr = []
     with warnings.catch_warnings():
