@@ -89,39 +89,15 @@ def _zygote() -> _Zygote:
     return _ZYGOTE[0]
 
 
-BATCH = """
-import contextlib, io, json, os, sys, traceback
-from effitrain.cli import main
-results = []
-for index, args in enumerate(json.loads(sys.argv[1])):
-    folder = os.path.join(sys.argv[2], str(index))
-    os.makedirs(folder)
-    os.chdir(folder)
-    out, err = io.StringIO(), io.StringIO()
-    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-        try:
-            main(args)
-            code = 0
-        except SystemExit as exit:
-            code = exit.code if isinstance(exit.code, int) else (0 if exit.code is None else 1)
-        except BaseException:
-            traceback.print_exc()
-            code = 1
-    results.append([folder, code, out.getvalue(), err.getvalue()])
-sys.stdout.write(json.dumps(results))
-"""
-
-
-def run_cli_batch(arg_lists: list[list[str]], root: Path, timeout: float = 600) -> list[tuple[Path, subprocess.CompletedProcess]]:
-    """Run `effitrain ARGS` for each list in ONE fresh Python process (the CLI's own entry point,
-    each in a new empty folder under `root`): bad-input checks without paying torch's import per
-    case. Returns (folder, finished process) per list, in order."""
-    import json
-
-    done = subprocess.run([sys.executable, "-c", BATCH, json.dumps(arg_lists), str(root)], capture_output=True, text=True,
-                          timeout=timeout, env={**os.environ, "PYTHONUNBUFFERED": "1"})
-    assert done.returncode == 0, done.stderr[-3000:]
-    return [(Path(folder), subprocess.CompletedProcess(args, code, out, err)) for (folder, code, out, err), args in zip(json.loads(done.stdout), arg_lists)]
+def run_cli_batch(arg_lists: list[list[str]], root: Path, timeout: float = 240) -> list[tuple[Path, subprocess.CompletedProcess]]:
+    """`run_cli` for each list, each in a new empty folder under `root`: bad-input cases that
+    share one test. Returns (folder, finished process) per list, in order."""
+    results = []
+    for index, args in enumerate(arg_lists):
+        folder = root / str(index)
+        folder.mkdir(parents=True)
+        results.append((folder, run_cli(*args, cwd=folder, timeout=timeout)))
+    return results
 
 
 def run_and_kill(args: list[str], cwd: Path, marker: Path, timeout: float = 120) -> None:
