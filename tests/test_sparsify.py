@@ -1,5 +1,6 @@
-"""Sparse kernels: CSR Linear layers compute what the dense ones do, the per-layer choice follows
-the (fake) timings, saved models rebuild their CSR layers, and the stage runs from a recipe."""
+"""Sparse kernels: CSR Linear and 1x1 convolution layers compute what the dense ones do, the
+per-layer choice follows the (fake) timings, saved models rebuild their CSR layers, and the stage
+runs from a recipe."""
 
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ from torch import nn
 from effitrain.checkpoint import load_weights, save_weights, saved_shapes
 from effitrain.measure import count_parameters, sparsity
 from effitrain.prune import kernels
-from effitrain.prune.kernels import KernelChoice, SparseLinear, apply_kernels, choose_kernels, restore_kernels
+from effitrain.prune.kernels import KernelChoice, SparseConv1x1, SparseLinear, apply_kernels, choose_kernels, csr_unsupported, restore_kernels
 
 from conftest import read_summary, run_cli
 
@@ -39,6 +40,54 @@ def test_csr_linear_computes_the_dense_layer_and_counts_like_it() -> None:
     assert count_parameters(model) == before[0] and sparsity(model) == pytest.approx(before[1])
 
 
+def sparse_convnet() -> nn.Module:
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 16, 3, padding=1), nn.ReLU(), nn.Conv2d(16, 32, 1), nn.ReLU(), nn.Conv2d(32, 24, 1, stride=2, bias=False),
+                          nn.Flatten(1), nn.Linear(24 * 4 * 4, 5))
+    with torch.no_grad():
+        for layer in (model[2], model[4]):
+            layer.weight[torch.rand_like(layer.weight) < 0.85] = 0
+    return model.eval()
+
+
+@pytest.mark.parametrize("conv, inputs", [
+    (nn.Conv2d(16, 32, 1), torch.randn(3, 16, 7, 5)),
+    (nn.Conv2d(16, 32, 1, stride=2, bias=False), torch.randn(1, 16, 7, 5)),
+    (nn.Conv2d(16, 32, 1, stride=(2, 1), padding="valid"), torch.randn(2, 16, 7, 6)),
+    (nn.Conv2d(16, 32, 1), torch.randn(16, 7, 5)),  # unbatched, as nn.Conv2d allows
+    (nn.Conv1d(8, 4, 1), torch.randn(2, 8, 9)),
+])
+def test_csr_1x1_convolution_computes_the_dense_one(conv, inputs) -> None:
+    torch.manual_seed(1)
+    with torch.no_grad():
+        conv.weight[torch.rand_like(conv.weight) < 0.8] = 0
+        sparse = SparseConv1x1(conv)
+        assert sparse.weight_counts() == (conv.weight.numel(), int((conv.weight != 0).sum()))
+        assert torch.allclose(sparse(inputs), conv(inputs), atol=1e-5) and sparse(inputs).shape == conv(inputs).shape
+        assert torch.equal(sparse.dense_layer().weight, conv.weight)  # what ONNX export writes
+
+
+def test_only_plain_1x1_convolutions_have_a_csr_kernel() -> None:
+    assert csr_unsupported(nn.Conv2d(4, 4, 1)) is None and csr_unsupported(nn.Linear(4, 4)) is None
+    assert csr_unsupported(nn.Conv2d(4, 4, 1, padding="same")) is None  # pads a 1x1 by nothing
+    assert csr_unsupported(nn.Conv2d(4, 4, 3)) == "a 3x3 convolution (1x1 only)"
+    assert csr_unsupported(nn.Conv2d(4, 4, 1, padding=1)) == "a padded 1x1 convolution"
+    assert csr_unsupported(nn.Conv2d(4, 4, 1, groups=2)) == "a grouped convolution"
+
+
+def test_saved_csr_convolutions_are_rebuilt_from_the_file(tmp_path) -> None:
+    model = sparse_convnet()
+    inputs = torch.randn(2, 3, 8, 8)
+    expected = model(inputs)
+    apply_kernels(model, ["2", "4"])
+    assert torch.allclose(model(inputs), expected, atol=1e-5)
+    save_weights(model, tmp_path / "m.safetensors")
+    fresh = restore_kernels(sparse_convnet(), saved_shapes(tmp_path / "m.safetensors"))
+    assert isinstance(fresh[2], SparseConv1x1) and fresh[4].stride == (2, 2) and isinstance(fresh[0], nn.Conv2d)
+    load_weights(fresh, tmp_path / "m.safetensors")
+    assert torch.equal(fresh(inputs), model(inputs))
+
+
 def test_choice_follows_the_timings(monkeypatch) -> None:
     assert KernelChoice("a", 0.9, dense_ms=1.0, sparse_ms=0.9).sparse
     assert not KernelChoice("a", 0.9, dense_ms=1.0, sparse_ms=0.97).sparse  # under 5%: noise
@@ -62,14 +111,27 @@ def test_saved_csr_layers_are_rebuilt_from_the_file(tmp_path) -> None:
 
 
 def test_sparsify_stage_after_pruning_through_the_cli(workdir) -> None:
-    result = run_cli("run", "recipe=prune_gradual_digits", *TINY, "stage.dense.trainer.max_epochs=1", "+stage@stage.fast=sparsify",
-                     "stage.fast.passes=2", "measure.rounds=2", "hydra.run.dir=run", cwd=workdir, timeout=300)
+    """MobileNet v3 small: 1x1 convolutions and Linear layers are timed, its depthwise and 3x3 ones are not."""
+    result = run_cli("run", "recipe=baseline", "model=torchvision", "model.name=mobilenet_v3_small", "data=synthetic", "data.input_shape=[3,16,16]",
+                     "data.num_samples=256", "trainer.max_epochs=1", "measure.repeats=10", "measure.warmup=1", "measure.batch_size=8",
+                     "+stage@stage.pruned=prune", "stage.pruned.sparsity=0.9", "stage.pruned.schedule=oneshot", "stage.pruned.fine_tune=false",
+                     "+stage@stage.fast=sparsify", "stage.fast.passes=2", "measure.rounds=2", "hydra.run.dir=run", cwd=workdir, timeout=300)
     assert result.returncode == 0, result.stderr[-2000:]
     rows = {row["name"]: row["metrics"] for row in read_summary(workdir / "run")["stages"]}
     fast = rows["fast"]
-    assert fast["kernels"].startswith("csr in ") and "of 2 Linear layers" in fast["kernels"]
+    assert fast["kernels"].startswith("csr in ") and "of 42 Linear/1x1 conv layers" in fast["kernels"], fast["kernels"]
+    assert "12 other convolutions have no CSR kernel" in fast["kernels"]
+    assert any(".block." in line for line in fast["kernel_choices"])  # 1x1 convolutions were timed (the Linear layers are classifier.*)
     assert all(line.endswith(("-> csr", "-> dense")) for line in fast["kernel_choices"]) and fast["kernel_choices"]
     assert fast["params"] == rows["pruned"]["params"] and fast["sparsity"] == pytest.approx(rows["pruned"]["sparsity"])
+    assert fast["accuracy"] == pytest.approx(rows["pruned"]["accuracy"])
     exported = run_cli("export", "run:fast", "-o", "fast.onnx", cwd=workdir, timeout=300)
     assert exported.returncode == 0, exported.stderr[-2000:]
     assert json.loads((workdir / "fast.export.json").read_text())["agreement"] >= 0.99
+
+
+def test_a_model_without_csr_layers_is_refused_before_the_run(workdir) -> None:
+    result = run_cli("run", "recipe=baseline", *TINY, "+stage@stage.fast=sparsify", "stage.fast.skip=[classifier.*]", "hydra.run.dir=run", cwd=workdir)
+    assert result.returncode == 2 and not (workdir / "run").exists()
+    assert result.stderr.strip() == ("error: stage.fast: SmallCNN has no Linear or 1x1 convolution layer to run sparse "
+                                     "(features.0 is a 3x3 convolution (1x1 only), features.4 is a 3x3 convolution (1x1 only))")

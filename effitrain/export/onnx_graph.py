@@ -27,7 +27,7 @@ import torch
 from torch import Tensor, nn
 
 from effitrain.compress.cluster import ClusteredWeight
-from effitrain.prune.kernels import SparseLinear
+from effitrain.prune.kernels import SparseConv1x1, SparseLinear
 from effitrain.layers import replace_layers, run_layer
 from effitrain.quant.affine import unpack
 from effitrain.quant.weight_only import QuantizedWeight
@@ -159,18 +159,8 @@ class OnnxShared(nn.Module):
         return run_layer(self.kind, inputs, shared_weight(self.codebook, self.indices, self.shape), self.bias, self.conv)
 
 
-def _dense_linear(layer: SparseLinear) -> nn.Linear:
-    """ONNX Runtime has no sparse Linear on CPU: the CSR weight goes back to a dense one (same values)."""
-    dense = nn.Linear(layer.in_features, layer.out_features, bias=layer.bias is not None)
-    with torch.no_grad():
-        dense.weight.copy_(layer.dense_weight())
-        if layer.bias is not None:
-            dense.bias.copy_(layer.bias)
-    return dense
-
-
 REPLACEMENTS: dict[type, Any] = {DynamicInt8Linear: OnnxDynamicInt8, QuantizedWeight: OnnxWeightOnly, ClusteredWeight: OnnxShared,
-                                 SparseLinear: _dense_linear}
+                                 SparseLinear: SparseLinear.dense_layer, SparseConv1x1: SparseConv1x1.dense_layer}  # ONNX Runtime's CPU Gemm/Conv are dense
 
 
 def unexportable(model: nn.Module) -> str | None:

@@ -1,11 +1,16 @@
-"""Sparse kernels for unstructured sparsity: a Linear layer whose weight is a CSR matrix, run
-through torch's sparse matmul (MKL on x86 CPUs), and the per-layer choice by measurement.
+"""Sparse kernels for unstructured sparsity: Linear and 1x1 convolution layers whose weight is a
+CSR matrix, run through torch's sparse matmul (MKL on x86 CPUs), and the per-layer choice by
+measurement.
 
 A pruned model is exactly as slow as the dense one until its zeros are skipped. Whether CSR is
 faster depends on the layer's shape, its sparsity, the batch and the machine (on the 2-core
 machines here it needed about 90% zeros: see benchmarks/sparse_speed.py), so `choose_kernels`
 times each candidate layer dense and sparse on the input it really gets, interleaved, and keeps
 CSR only where it is at least `MIN_SPEEDUP` faster.
+
+A 1x1 convolution is a matrix product over channels at every pixel (what Fast Sparse ConvNets,
+Elsen et al. 2020, make sparse): its (out, in, 1, 1) weight is the (out, in) CSR matrix and the
+input's pixels are the columns it multiplies.
 """
 
 from __future__ import annotations
@@ -30,13 +35,14 @@ class SparseLinear(nn.Module):
     The rows of the input are multiplied as W @ xᵀ (sparse times dense), then transposed back.
     """
 
-    def __init__(self, layer: nn.Linear | None = None, nonzero: int = 0, shape: tuple[int, int] = (1, 1), bias: bool = True) -> None:
+    def __init__(self, layer: nn.Module | None = None, nonzero: int = 0, shape: tuple[int, int] = (1, 1), bias: bool = True) -> None:
         super().__init__()
         if layer is not None:
+            weight = layer.weight.detach()
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")  # "sparse CSR support is in beta"
-                csr = layer.weight.detach().to_sparse_csr()
-            shape, bias = tuple(layer.weight.shape), layer.bias is not None  # type: ignore[assignment]
+                csr = weight.reshape(weight.shape[0], -1).to_sparse_csr()  # a 1x1 conv's (out, in, 1, 1) is (out, in)
+            shape, bias = tuple(csr.shape), layer.bias is not None  # type: ignore[assignment]
             crow, col, values = csr.crow_indices(), csr.col_indices(), csr.values()
         else:  # a placeholder of the right sizes, for loading a saved state
             crow = torch.zeros(shape[0] + 1, dtype=torch.int64)
@@ -77,8 +83,83 @@ class SparseLinear(nn.Module):
     def extra_repr(self) -> str:
         return f"in_features={self.shape[1]}, out_features={self.shape[0]}, nonzero={self.values.numel()}, bias={self.bias is not None}"
 
+    def dense_layer(self) -> nn.Module:
+        """The dense layer with the same values (for runtimes without sparse kernels, e.g. ONNX)."""
+        dense = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None)
+        return self._filled(dense)
 
-def layer_sparsity(layer: nn.Linear) -> float:
+    def _filled(self, dense: nn.Module) -> nn.Module:
+        with torch.no_grad():
+            dense.weight.copy_(self.dense_weight().reshape(dense.weight.shape))
+            if self.bias is not None:
+                dense.bias.copy_(self.bias)
+        return dense.to(self.values.device)
+
+
+class SparseConv1x1(SparseLinear):
+    """A 1x1 convolution (Conv1d or Conv2d, any stride, no padding, one group) with its weight
+    as a CSR (out x in) matrix: the input's pixels, batch after batch, are the columns of one
+    sparse times dense product.
+
+    Args:
+        layer: the convolution (see `csr_unsupported` for which ones).
+        nonzero: None to take `layer`'s weight; else an empty placeholder with this many
+            non-zeros, the layout a saved state is loaded into.
+    """
+
+    def __init__(self, layer: nn.Conv1d | nn.Conv2d, nonzero: int | None = None) -> None:
+        if nonzero is None:
+            super().__init__(layer)
+        else:
+            super().__init__(None, nonzero, (layer.out_channels, layer.in_channels), layer.bias is not None)
+        self.stride = tuple(int(step) for step in layer.stride)
+
+    def forward(self, inputs: Tensor) -> Tensor:
+        unbatched = inputs.dim() == len(self.stride) + 1
+        x = inputs.unsqueeze(0) if unbatched else inputs
+        if any(step > 1 for step in self.stride):  # a strided 1x1 convolution reads every step-th pixel
+            x = x[(slice(None), slice(None)) + tuple(slice(None, None, step) for step in self.stride)]
+        batch, channels, *pixels = x.shape
+        columns = x.reshape(channels, -1) if batch == 1 else x.transpose(0, 1).reshape(channels, -1)
+        out = (self.matrix() @ columns).reshape(self.shape[0], batch, *pixels).transpose(0, 1)
+        if self.bias is not None:
+            out = out + self.bias.reshape(1, -1, *([1] * len(pixels)))
+        out = out.contiguous()
+        return out.squeeze(0) if unbatched else out
+
+    def extra_repr(self) -> str:
+        return super().extra_repr().replace("in_features", "in_channels").replace("out_features", "out_channels") + f", stride={self.stride}"
+
+    def dense_layer(self) -> nn.Module:
+        conv = nn.Conv1d if len(self.stride) == 1 else nn.Conv2d
+        return self._filled(conv(self.in_features, self.out_features, 1, stride=self.stride, bias=self.bias is not None))
+
+
+CSR_TYPES = (nn.Linear, nn.Conv1d, nn.Conv2d)
+
+
+def csr_unsupported(layer: nn.Module) -> str | None:
+    """Why this layer has no CSR kernel here (a clause), or None: Linear layers always have
+    one, convolutions when they are 1x1 without padding or groups."""
+    if isinstance(layer, nn.Linear):
+        return None
+    if not isinstance(layer, (nn.Conv1d, nn.Conv2d)):
+        return f"a {type(layer).__name__}"
+    if any(size != 1 for size in layer.kernel_size):
+        return f"a {'x'.join(map(str, layer.kernel_size))} convolution (1x1 only)"
+    if not isinstance(layer.padding, str) and any(int(pad) != 0 for pad in layer.padding):  # 'same' and 'valid' pad a 1x1 by 0
+        return "a padded 1x1 convolution"
+    if layer.groups != 1:
+        return "a grouped convolution"
+    return None
+
+
+def sparse_kernel(layer: nn.Module) -> SparseLinear:
+    """The CSR twin of a Linear or 1x1 convolution layer."""
+    return SparseLinear(layer) if isinstance(layer, nn.Linear) else SparseConv1x1(layer)  # type: ignore[arg-type]
+
+
+def layer_sparsity(layer: nn.Module) -> float:
     weight = layer.weight.detach()
     return float((weight == 0).sum()) / max(weight.numel(), 1)
 
@@ -124,7 +205,7 @@ class KernelChoice:
 
 
 def choose_kernels(model: nn.Module, example: Any, names: list[str], rounds: int, passes: int, warmup: int) -> list[KernelChoice]:
-    """Time every named Linear layer dense and as SparseLinear on its real input, interleaved."""
+    """Time every named layer (Linear or 1x1 convolution) dense and as CSR on its real input, interleaved."""
     inputs = layer_inputs(model, example, names)
     modules = dict(model.named_modules())
     choices = []
@@ -132,7 +213,7 @@ def choose_kernels(model: nn.Module, example: Any, names: list[str], rounds: int
         if name not in inputs:  # not on the forward path of this input
             continue
         layer, x = modules[name], inputs[name]
-        sparse = SparseLinear(layer)
+        sparse = sparse_kernel(layer)
         with torch.no_grad():
             times = interleaved({"dense": lambda: layer(x), "csr": lambda: sparse(x)}, rounds, passes, warmup)
         choices.append(KernelChoice(name, layer_sparsity(layer), times["dense"], times["csr"]))
@@ -140,16 +221,22 @@ def choose_kernels(model: nn.Module, example: Any, names: list[str], rounds: int
 
 
 def apply_kernels(model: nn.Module, names: list[str]) -> nn.Module:
-    """Replace the named Linear layers by SparseLinear, in place."""
-    return replace_layers(model, names, lambda layer: SparseLinear(layer))
+    """Replace the named Linear and 1x1 convolution layers by their CSR twins, in place."""
+    return replace_layers(model, names, sparse_kernel)
+
+
+def _placeholder(old: nn.Module, nonzero: int) -> SparseLinear:
+    if isinstance(old, nn.Linear):
+        return SparseLinear(None, nonzero, tuple(old.weight.shape), old.bias is not None).to(old.weight.device)  # type: ignore[arg-type]
+    return SparseConv1x1(old, nonzero).to(old.weight.device)  # type: ignore[arg-type]
 
 
 def restore_kernels(model: nn.Module, saved: dict[str, tuple[int, ...]]) -> nn.Module:
-    """Give `model` the SparseLinear layers a saved state has (from its tensor shapes)."""
+    """Give `model` the CSR layers a saved state has (from its tensor shapes)."""
     modules = dict(model.named_modules())
     layers = {key[: -len(".col_indices")]: shape[0] for key, shape in saved.items() if key.endswith(".col_indices")}
     for name, nonzero in layers.items():
         layer = modules.get(name)
-        if isinstance(layer, nn.Linear):
-            replace_layers(model, [name], lambda old, nonzero=nonzero: SparseLinear(None, nonzero, tuple(old.weight.shape), old.bias is not None).to(old.weight.device))
+        if isinstance(layer, CSR_TYPES) and csr_unsupported(layer) is None:
+            replace_layers(model, [name], lambda old, nonzero=nonzero: _placeholder(old, nonzero))
     return model

@@ -1,5 +1,6 @@
-"""`sparsify`: run a pruned model's sparse Linear layers through CSR kernels where that is
-measured faster (`effitrain.prune.kernels`); the ledger row says what each layer measured."""
+"""`sparsify`: run a pruned model's sparse Linear and 1x1 convolution layers through CSR kernels
+where that is measured faster (`effitrain.prune.kernels`); the ledger row says what each layer
+measured."""
 
 from __future__ import annotations
 
@@ -14,7 +15,7 @@ from torch import nn
 from effitrain.checkpoint import load_weights, saved_shapes
 from effitrain.errors import ConfigError, require
 from effitrain.layers import select_layers
-from effitrain.prune.kernels import apply_kernels, choose_kernels, layer_sparsity, restore_kernels
+from effitrain.prune.kernels import CSR_TYPES, apply_kernels, choose_kernels, csr_unsupported, layer_sparsity, restore_kernels
 from effitrain.stages.base import Context, FromSource, Prepared, StageResult
 
 log = logging.getLogger("effitrain")
@@ -29,8 +30,9 @@ class PreparedSparsify(Prepared):
 
 @dataclass
 class Sparsify(FromSource):
-    """Per Linear layer with at least `min_sparsity` zeros: dense vs CSR, timed on the layer's
-    real input (the run's measurement batch), interleaved; CSR kept where >= 5% faster.
+    """Per Linear or 1x1 convolution layer with at least `min_sparsity` zeros: dense vs CSR, timed
+    on the layer's real input (the run's measurement batch), interleaved; CSR kept where >= 5%
+    faster. Other convolutions stay dense (the ledger counts them).
 
     Fields:
         min_sparsity: layers with fewer zeros are not tried (CSR loses well before that).
@@ -57,21 +59,36 @@ class Sparsify(FromSource):
             raise ConfigError(f"stage.{name}: sparse kernels are measured on the CPU only in this version; the run is on {device} "
                               "(CUDA 2:4 semi-structured sparsity is not built yet; allowed: device=cpu, or leave the stage out)")
 
+    def layers(self, model: nn.Module, where: str) -> tuple[list[str], list[str]]:
+        """(the Linear and convolution layers not skipped, those of them with a CSR kernel)."""
+        layers = select_layers(model, self.skip, f"{where}.skip", CSR_TYPES, "run sparse")
+        candidates = [layer for layer in layers if csr_unsupported(model.get_submodule(layer)) is None]
+        if not candidates:
+            raise ConfigError(f"{where}: {type(model).__name__} has no Linear or 1x1 convolution layer to run sparse "
+                              f"({', '.join(f'{layer} is {csr_unsupported(model.get_submodule(layer))}' for layer in layers[:3])})")
+        return layers, candidates
+
+    def check_model(self, model: nn.Module, cfg: DictConfig, name: str) -> None:
+        self.layers(model, f"stage.{name}")
+
     def prepare(self, model: nn.Module, ctx: Context) -> PreparedSparsify:
         return PreparedSparsify(self.starting_model(model, ctx), ctx.example_batch(int(ctx.cfg.measure.batch_size)))
 
     def run(self, name: str, prepared: PreparedSparsify, ctx: Context) -> StageResult:  # type: ignore[override]
         model = prepared.model
-        candidates = select_layers(model, self.skip, f"stage.{name}.skip", (nn.Linear,), "run sparse")
+        layers, candidates = self.layers(model, f"stage.{name}")
         sparse_enough = [layer for layer in candidates if layer_sparsity(model.get_submodule(layer)) >= self.min_sparsity]
+        kinds = "Linear" if all(isinstance(model.get_submodule(layer), nn.Linear) for layer in candidates) else "Linear/1x1 conv"
         measure = ctx.cfg.measure
         choices = choose_kernels(model, prepared.example, sparse_enough, int(measure.rounds), self.passes, int(measure.warmup))
         for choice in choices:
             log.info("[%s] %s", name, choice.describe())
         chosen = [choice.layer for choice in choices if choice.sparse]
         apply_kernels(model, chosen)
-        summary = (f"csr in {len(chosen)} of {len(candidates)} Linear layers"
-                   + (f" ({len(candidates) - len(sparse_enough)} under {self.min_sparsity:.0%} zeros not tried)" if len(sparse_enough) < len(candidates) else ""))
+        notes = [f"{len(candidates) - len(sparse_enough)} under {self.min_sparsity:.0%} zeros not tried"] if len(sparse_enough) < len(candidates) else []
+        if len(candidates) < len(layers):
+            notes.append(f"{len(layers) - len(candidates)} other convolutions have no CSR kernel")
+        summary = f"csr in {len(chosen)} of {len(candidates)} {kinds} layers" + (f" ({'; '.join(notes)})" if notes else "")
         return StageResult(model, {"kernels": summary, "kernel_choices": [choice.describe() for choice in choices]})
 
     def load_model(self, prepared: PreparedSparsify, path: Path) -> nn.Module:  # type: ignore[override]
