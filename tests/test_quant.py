@@ -206,3 +206,19 @@ def test_auto_choice_is_rebuilt_on_reload(workdir) -> None:
     with torch.no_grad():
         predicted = [int(p) for inputs, _ in data.test for p in model(inputs).argmax(-1)]
     assert predicted == saved["predictions"]  # the chosen structure, whichever it was, reloads exactly
+
+
+def test_prefer_size_ranks_candidates_by_the_file_the_stage_saves(workdir) -> None:
+    """After pruning, every candidate is measured as it would be stored (zeros compressed), not as
+    plain safetensors: the fp32 candidate weighs what the pruned stage's file does, and the winner
+    is the smallest of the files, the one the ledger then shows."""
+    result = run_cli("run", "recipe=prune_gradual_digits", "data=synthetic", "model.channels=[8,16]", "model.hidden=16", "trainer.max_epochs=2",
+                     "stage.dense.trainer.max_epochs=1", "measure.repeats=10", "measure.warmup=1", "measure.rounds=2",
+                     "+stage@stage.small=quantize", "stage.small.prefer=size", "report=false", "hydra.run.dir=run", cwd=workdir, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    rows = {row["name"]: row["metrics"] for row in read_summary(workdir / "run")["stages"]}
+    trials = {trial["name"]: trial for trial in rows["small"]["auto_trials"]}
+    assert trials["fp32"]["size_bytes"] == rows["pruned"]["size_bytes"]  # the same pruned model, stored compressed
+    within = [t for t in trials.values() if rows["small"]["auto_trials"][0]["metric"] - t["metric"] <= 0.01 + 1e-12]
+    assert rows["small"]["size_bytes"] == trials[rows["small"]["auto_choice"]]["size_bytes"] == min(t["size_bytes"] for t in within)
+    assert (workdir / "run" / "checkpoints" / "02_small.dcz").stat().st_size == rows["small"]["size_bytes"]

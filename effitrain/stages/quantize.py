@@ -128,7 +128,8 @@ class Quantize(Stored, QuantSettings, FromSource):
         observer: x86_static: activation range observer, minmax | moving_average | histogram.
         max_drop: auto: the largest loss of the validation headline metric a candidate may have
             against the unquantized model.
-        prefer: auto: latency (keep the fastest candidate within max_drop) | size (the smallest).
+        prefer: auto: latency (keep the fastest candidate within max_drop) | size (the smallest file,
+            as `storage` would write it: a pruned model's candidates are sized compressed).
     """
 
     kind = "quantize"
@@ -180,7 +181,7 @@ class Quantize(Stored, QuantSettings, FromSource):
                     trials.remove(trial)
                     continue
                 trial.metric = ctx.task.evaluate(candidate, ctx.data.val, ctx.precision)[headline]
-                trial.size_bytes = backends.save(backends.AUTO, candidate, Path(scratch) / f"{trial.name}.safetensors").stat().st_size
+                trial.size_bytes = self.stored_bytes(candidate, Path(scratch) / f"{trial.name}.safetensors")  # as this stage saves it
                 converted[trial.name] = candidate
         latencies = retime.retime(converted, ctx.example_batch(ctx.cfg.measure.batch_size), ctx.precision, ctx.cfg.measure)
         for trial in trials:
