@@ -7,8 +7,11 @@ the lowest sparsity at which CSR is at least 5% faster.
   384 -> 1536 and 1536 -> 384 FFN) on its measurement batch (32 articles x 64 tokens = 2,048 rows).
 - 1x1 convolutions of MobileNet v1 at 224x224, one image (the setting of Fast Sparse ConvNets,
   Elsen et al. 2020), against torch's dense Conv2d.
+- With --device cuda (a GPU from Ampere on): the same Linear shapes pruned 2:4 (50%), dense vs
+  torch's 2:4 semi-structured kernels (effitrain.prune.kernels.SemiStructuredLinear) in --dtype.
 
 Run: python benchmarks/sparse_speed.py [--rows 2048] [--images 1] [--rounds 7] [--passes 5] [--threads N] [--only linear|conv]
+     python benchmarks/sparse_speed.py --device cuda [--dtype fp16|bf16|fp32] [--rows 2048]
 """
 
 from __future__ import annotations
@@ -19,8 +22,8 @@ import warnings
 import torch
 from torch import nn
 
-from effitrain.prune.kernels import MIN_SPEEDUP, sparse_kernel
-from effitrain.retime import interleaved
+from effitrain.prune.kernels import MIN_SPEEDUP, SEMI_STRUCTURED, SemiStructuredLinear, sparse_kernel
+from effitrain.retime import interleaved, synchronizer
 
 LINEARS = [(384, 384, "attention q/k/v/o"), (384, 1536, "FFN up"), (1536, 384, "FFN down")]
 CONVS = [(64, 128, 56), (128, 256, 28), (256, 512, 14), (512, 512, 14), (512, 1024, 7), (1024, 1024, 7)]  # in, out, pixels per side
@@ -45,6 +48,37 @@ def compare(title: str, layer_of: object, inputs: torch.Tensor, args: argparse.N
     print(f"  crossover: " + (f"csr >= {MIN_SPEEDUP:.2f}x from {crossover:.0%} zeros" if crossover else "csr never 5% faster up to 95%"))
 
 
+def two_four_on_cuda(args: argparse.Namespace) -> None:
+    """Dense vs each 2:4 kernel that takes --dtype, on 2:4-pruned Linear layers of the BERT shapes."""
+    dtype = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}[args.dtype]
+    device = torch.device("cuda")
+    print(f"torch {torch.__version__}, {torch.cuda.get_device_name()}, {args.dtype}, {args.rows} rows, {args.rounds} interleaved rounds x {args.passes} passes")
+    kernels = [kernel for kernel, (_, dtypes) in SEMI_STRUCTURED.items() if dtype in dtypes]
+    print(f"{'layer':28}{'dense ms':>10}" + "".join(f"{kernel:>16}{'x':>6}" for kernel in kernels))
+    for in_features, out_features, title in LINEARS:
+        layer = nn.Linear(in_features, out_features).to(device)
+        with torch.no_grad():
+            groups = layer.weight.reshape(out_features, -1, 4)
+            groups.scatter_(-1, groups.abs().argsort(-1)[..., :2], 0.0)  # keep the 2 largest of every 4
+        inputs = torch.randn(args.rows, in_features, device=device, dtype=dtype)
+        dense = nn.Linear(in_features, out_features).to(device, dtype)
+        dense.load_state_dict(layer.state_dict())
+        runners = {"dense": lambda: dense(inputs)}
+        for kernel in kernels:
+            sparse = SemiStructuredLinear(layer, kernel, dtype)
+            with torch.no_grad():
+                try:
+                    assert torch.allclose(sparse(inputs).float(), dense(inputs).float(), rtol=1e-2, atol=1e-2)
+                except (RuntimeError, NotImplementedError) as error:
+                    print(f"  {kernel}: {' '.join(str(error).split())[:160]}")
+                    continue
+            runners[kernel] = lambda sparse=sparse: sparse(inputs)
+        with torch.no_grad():
+            times = interleaved(runners, args.rounds, args.passes, 5, synchronizer(device))
+        cells = "".join(f"{times[k]:16.3f}{times['dense'] / times[k]:6.2f}" if k in times else f"{'failed':>16}{'':6}" for k in kernels)
+        print(f"{f'{in_features}->{out_features} {title}':28}{times['dense']:10.3f}{cells}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rows", type=int, default=2048, help="rows into each Linear layer")
@@ -53,8 +87,15 @@ def main() -> None:
     parser.add_argument("--passes", type=int, default=5)
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--only", choices=["linear", "conv"], default=None)
+    parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
+    parser.add_argument("--dtype", choices=["fp16", "bf16", "fp32"], default="fp16", help="--device cuda: the 2:4 kernels' dtype")
     args = parser.parse_args()
     warnings.simplefilter("ignore")
+    if args.device == "cuda":
+        if not torch.cuda.is_available():
+            raise SystemExit("error: --device cuda: torch sees no CUDA GPU here (allowed: --device cpu)")
+        two_four_on_cuda(args)
+        return
     if args.threads:
         torch.set_num_threads(args.threads)
     torch.manual_seed(0)

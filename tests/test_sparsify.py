@@ -13,7 +13,8 @@ from torch import nn
 from effitrain.checkpoint import load_weights, save_weights, saved_shapes
 from effitrain.measure import count_parameters, sparsity
 from effitrain.prune import kernels
-from effitrain.prune.kernels import KernelChoice, SparseConv1x1, SparseLinear, apply_kernels, choose_kernels, csr_unsupported, restore_kernels
+from effitrain.prune.kernels import (KernelChoice, SemiStructuredLinear, SparseConv1x1, SparseLinear, apply_kernels, choose_kernels, csr_unsupported,
+                                     layer_sparsity, restore_kernels)
 
 from conftest import read_summary, run_cli
 
@@ -89,14 +90,76 @@ def test_saved_csr_convolutions_are_rebuilt_from_the_file(tmp_path) -> None:
 
 
 def test_choice_follows_the_timings(monkeypatch) -> None:
-    assert KernelChoice("a", 0.9, dense_ms=1.0, sparse_ms=0.9).sparse
-    assert not KernelChoice("a", 0.9, dense_ms=1.0, sparse_ms=0.97).sparse  # under 5%: noise
-    assert KernelChoice("a", 0.9, 1.0, 0.5).describe() == "a (90% zeros) dense 1.000 ms, csr 0.500 ms -> csr"
+    assert KernelChoice("a", 0.9, {"dense": 1.0, "csr": 0.9}).kernel == "csr"
+    assert not KernelChoice("a", 0.9, {"dense": 1.0, "csr": 0.97}).sparse  # under 5%: noise
+    assert KernelChoice("a", 0.9, {"dense": 1.0, "csr": 0.5}).describe() == "a (90% zeros) dense 1.000 ms, csr 0.500 ms -> csr"
+    # the fastest kernel wins; one that could not run is said, not fatal
+    both = KernelChoice("a", 0.5, {"dense": 1.0, "csr": 2.0, "2:4 cutlass": 0.6}, {"2:4 cusparselt": "no cuSPARSELt"})
+    assert both.kernel == "2:4 cutlass" and both.describe().endswith("2:4 cutlass 0.600 ms, 2:4 cusparselt failed (no cuSPARSELt) -> 2:4 cutlass")
     fake = {"0": {"dense": 2.0, "csr": 1.0}, "2": {"dense": 1.0, "csr": 3.0}}
     order = iter(["0", "2"])
     monkeypatch.setattr(kernels, "interleaved", lambda runners, *args: fake[next(order)])
     choices = choose_kernels(sparse_mlp(), torch.randn(4, 24), ["0", "2"], 1, 1, 0)
-    assert [(choice.layer, choice.sparse) for choice in choices] == [("0", True), ("2", False)]
+    assert [(choice.layer, choice.kernel) for choice in choices] == [("0", "csr"), ("2", "dense")]
+
+
+def test_a_kernel_that_fails_here_is_left_out_with_its_reason(monkeypatch) -> None:
+    def refuses() -> nn.Module:
+        raise RuntimeError("Error original_tensor.device= cpu is not supported!\n Only CUDA tensors are currently supported.")
+
+    monkeypatch.setattr(kernels, "kernel_candidates", lambda layer, device, dtype: {"csr": lambda: kernels.sparse_kernel(layer), "2:4 cutlass": refuses})
+    [choice] = choose_kernels(sparse_mlp(), torch.randn(4, 24), ["2"], 1, 1, 0)
+    assert set(choice.times) == {"dense", "csr"}
+    assert choice.failed == {"2:4 cutlass": "Error original_tensor.device= cpu is not supported! Only CUDA tensors are currently supported."}
+
+
+def two_four_linear(rows: int = 64, cols: int = 128) -> nn.Linear:
+    """A Linear layer pruned 2:4 (the two largest of every 4 weights along a row kept)."""
+    torch.manual_seed(2)
+    layer = nn.Linear(cols, rows)
+    with torch.no_grad():
+        groups = layer.weight.reshape(rows, -1, 4)
+        smallest = groups.abs().argsort(-1)[..., :2]
+        groups.scatter_(-1, smallest, 0.0)
+    return layer
+
+
+def test_two_four_pattern_and_which_kernels_a_layer_gets() -> None:
+    layer = two_four_linear()
+    assert kernels.is_two_four(layer.weight) and layer_sparsity(layer) == 0.5
+    assert not kernels.is_two_four(nn.Linear(128, 64).weight) and not kernels.is_two_four(torch.zeros(4, 6))  # 6 is no multiple of 4
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    assert list(kernels.kernel_candidates(layer, cpu, torch.float32)) == ["csr"]  # 2:4 kernels are CUDA's
+    assert list(kernels.kernel_candidates(layer, cuda, torch.float16)) == ["csr", "2:4 cusparselt", "2:4 cutlass"]
+    assert list(kernels.kernel_candidates(layer, cuda, torch.float32)) == ["csr", "2:4 cutlass"]  # cuSPARSELt takes no fp32
+    assert list(kernels.kernel_candidates(sparse_mlp()[2], cuda, torch.float16)) == ["csr"]  # 90% random zeros are not 2:4
+
+
+def test_two_four_layer_off_cuda_is_the_dense_layer_and_reloads_with_its_kernel(tmp_path) -> None:
+    model = nn.Sequential(two_four_linear(), nn.ReLU(), nn.Linear(64, 5)).eval()
+    inputs = torch.randn(3, 128)
+    expected = model(inputs)
+    apply_kernels(model, {"0": "2:4 cusparselt"}, torch.bfloat16)
+    assert isinstance(model[0], SemiStructuredLinear) and (model[0].kernel, model[0].dtype) == ("2:4 cusparselt", torch.bfloat16)
+    assert torch.equal(model(inputs), expected)  # a CPU computes the dense layer with the same values
+    assert count_parameters(model)[0] == 128 * 64 + 64 + 64 * 5 + 5
+    save_weights(model, tmp_path / "m.safetensors")
+    fresh = nn.Sequential(nn.Linear(128, 64), nn.ReLU(), nn.Linear(64, 5))
+    restore_kernels(fresh, saved_shapes(tmp_path / "m.safetensors"))
+    load_weights(fresh, tmp_path / "m.safetensors")
+    assert isinstance(fresh[0], SemiStructuredLinear) and (fresh[0].kernel, fresh[0].dtype) == ("2:4 cusparselt", torch.bfloat16)
+    assert torch.equal(fresh.eval()(inputs), expected) and torch.equal(fresh[0].dense_layer().weight, model[0].weight)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.get_device_capability() < (8, 0), reason="2:4 kernels need a CUDA GPU from Ampere on")
+@pytest.mark.parametrize("kernel, dtype", [("2:4 cusparselt", torch.float16), ("2:4 cutlass", torch.float16), ("2:4 cutlass", torch.float32)])
+def test_two_four_kernels_on_a_gpu_compute_the_dense_layer(kernel, dtype) -> None:
+    layer = two_four_linear(256, 512).cuda()
+    inputs = torch.randn(2, 50, 512, device="cuda")  # rows the kernels pad
+    with torch.no_grad():
+        sparse = SemiStructuredLinear(layer, kernel, dtype)
+        expected = nn.functional.linear(inputs.to(dtype), layer.weight.to(dtype), layer.bias.to(dtype)).float()
+        assert torch.allclose(sparse(inputs), expected, rtol=1e-2, atol=1e-2)
 
 
 def test_saved_csr_layers_are_rebuilt_from_the_file(tmp_path) -> None:

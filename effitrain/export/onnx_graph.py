@@ -27,7 +27,7 @@ import torch
 from torch import Tensor, nn
 
 from effitrain.compress.cluster import ClusteredWeight
-from effitrain.prune.kernels import SparseConv1x1, SparseLinear
+from effitrain.prune.kernels import SemiStructuredLinear, SparseConv1x1, SparseLinear
 from effitrain.layers import replace_layers, run_layer
 from effitrain.quant.affine import unpack
 from effitrain.quant.weight_only import QuantizedWeight
@@ -160,7 +160,8 @@ class OnnxShared(nn.Module):
 
 
 REPLACEMENTS: dict[type, Any] = {DynamicInt8Linear: OnnxDynamicInt8, QuantizedWeight: OnnxWeightOnly, ClusteredWeight: OnnxShared,
-                                 SparseLinear: SparseLinear.dense_layer, SparseConv1x1: SparseConv1x1.dense_layer}  # ONNX Runtime's CPU Gemm/Conv are dense
+                                 SparseLinear: SparseLinear.dense_layer, SparseConv1x1: SparseConv1x1.dense_layer,
+                                 SemiStructuredLinear: SemiStructuredLinear.dense_layer}  # ONNX Runtime's CPU Gemm/Conv are dense
 
 
 def unexportable(model: nn.Module) -> str | None:

@@ -15,16 +15,18 @@ input's pixels are the columns it multiplies.
 
 from __future__ import annotations
 
+import contextlib
 import warnings
-from dataclasses import dataclass
-from typing import Any
+from dataclasses import dataclass, field
+from typing import Any, Callable
 
 import torch
 from torch import Tensor, nn
 
 from effitrain.batch import forward
 from effitrain.layers import replace_layers
-from effitrain.retime import interleaved
+from effitrain.precision import PrecisionPolicy
+from effitrain.retime import interleaved, synchronizer
 
 MIN_SPEEDUP = 1.05
 
@@ -74,11 +76,11 @@ class SparseLinear(nn.Module):
         return self.shape[0] * self.shape[1], int(torch.count_nonzero(self.values))
 
     def forward(self, inputs: Tensor) -> Tensor:
-        rows = inputs.reshape(-1, self.shape[1])
+        rows = inputs.reshape(-1, self.shape[1]).to(self.values.dtype)  # sparse matmul takes one dtype (no autocast)
         out = (self.matrix() @ rows.T.contiguous()).T
         if self.bias is not None:
             out = out + self.bias
-        return out.reshape(*inputs.shape[:-1], self.shape[0])
+        return out.reshape(*inputs.shape[:-1], self.shape[0]).to(inputs.dtype)
 
     def extra_repr(self) -> str:
         return f"in_features={self.shape[1]}, out_features={self.shape[0]}, nonzero={self.values.numel()}, bias={self.bias is not None}"
@@ -120,11 +122,12 @@ class SparseConv1x1(SparseLinear):
         if any(step > 1 for step in self.stride):  # a strided 1x1 convolution reads every step-th pixel
             x = x[(slice(None), slice(None)) + tuple(slice(None, None, step) for step in self.stride)]
         batch, channels, *pixels = x.shape
+        x = x.to(self.values.dtype)
         columns = x.reshape(channels, -1) if batch == 1 else x.transpose(0, 1).reshape(channels, -1)
         out = (self.matrix() @ columns).reshape(self.shape[0], batch, *pixels).transpose(0, 1)
         if self.bias is not None:
             out = out + self.bias.reshape(1, -1, *([1] * len(pixels)))
-        out = out.contiguous()
+        out = out.contiguous().to(inputs.dtype)
         return out.squeeze(0) if unbatched else out
 
     def extra_repr(self) -> str:
@@ -187,25 +190,139 @@ def layer_inputs(model: nn.Module, example: Any, names: list[str]) -> dict[str, 
     return seen
 
 
+# -- 2:4 semi-structured sparsity (CUDA) ------------------------------------------------------
+
+# torch's two semi-structured kernels and the dtypes each takes (torch.sparse's classes say so too):
+# cuSPARSELt (fp16/bf16) and CUTLASS (fp16/bf16/fp32). Both need CUDA from Ampere on.
+SEMI_STRUCTURED = {"2:4 cusparselt": ("SparseSemiStructuredTensorCUSPARSELT", (torch.float16, torch.bfloat16)),
+                   "2:4 cutlass": ("SparseSemiStructuredTensorCUTLASS", (torch.float16, torch.bfloat16, torch.float32))}
+_DTYPE_CODES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
+
+
+def is_two_four(weight: Tensor) -> bool:
+    """Whether each run of 4 weights along every row (the input dimension) holds at most 2
+    non-zeros: the pattern the 2:4 kernels compress (nm pruning with n=2, m=4 makes it)."""
+    rows = weight.detach().reshape(weight.shape[0], -1)
+    if rows.shape[1] % 4:
+        return False
+    return bool(((rows.reshape(rows.shape[0], -1, 4) != 0).sum(-1) <= 2).all())
+
+
+class SemiStructuredLinear(nn.Module):
+    """A Linear layer whose 2:4-sparse weight runs through one of torch's semi-structured sparse
+    kernels on CUDA (`SEMI_STRUCTURED`), in one dtype (the run's: fp16/bf16 under autocast, else
+    fp32).
+
+    Its state is the Linear's (the weight with its zeros, the bias) plus `semi_structured`, the
+    kernel and dtype as two codes, so a reload rebuilds this layer; the compressed weight is made
+    from `weight` at the first CUDA forward (and again after a load). Off CUDA (the model
+    reloaded on a CPU, ONNX export) it computes the dense Linear with the same values.
+    """
+
+    def __init__(self, layer: nn.Linear, kernel: str = "2:4 cutlass", dtype: torch.dtype = torch.float32) -> None:
+        super().__init__()
+        self.in_features, self.out_features = layer.in_features, layer.out_features
+        self.weight = nn.Parameter(layer.weight.detach().clone(), requires_grad=False)
+        self.bias = nn.Parameter(layer.bias.detach().clone(), requires_grad=False) if layer.bias is not None else None
+        code = torch.tensor([list(SEMI_STRUCTURED).index(kernel), _DTYPE_CODES[dtype]], dtype=torch.int8, device=layer.weight.device)
+        self.register_buffer("semi_structured", code)
+        self._packed: tuple[tuple, Tensor] | None = None
+        self.register_load_state_dict_post_hook(lambda module, keys: setattr(module, "_packed", None))
+
+    @property
+    def kernel(self) -> str:
+        return list(SEMI_STRUCTURED)[int(self.semi_structured[0])]
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return {code: dtype for dtype, code in _DTYPE_CODES.items()}[int(self.semi_structured[1])]
+
+    def packed(self) -> Tensor:
+        """The weight compressed for the kernel (made once, on the weight's CUDA device)."""
+        key = (self.kernel, self.dtype, self.weight.device)
+        if self._packed is None or self._packed[0] != key:
+            import torch.sparse
+
+            kind = getattr(torch.sparse, SEMI_STRUCTURED[self.kernel][0])
+            self._packed = (key, kind.from_dense(self.weight.detach().to(self.dtype).contiguous()))
+        return self._packed[1]
+
+    def forward(self, inputs: Tensor) -> Tensor:
+        if not inputs.is_cuda:
+            return nn.functional.linear(inputs, self.weight, self.bias)
+        rows = inputs.reshape(-1, self.in_features).to(self.dtype).contiguous()
+        bias = self.bias.to(self.dtype) if self.bias is not None else None
+        out = nn.functional.linear(rows, self.packed(), bias)
+        return out.reshape(*inputs.shape[:-1], self.out_features).to(inputs.dtype)
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, kernel={self.kernel}, dtype={self.dtype}"
+
+    def dense_layer(self) -> nn.Module:
+        dense = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None)
+        with torch.no_grad():
+            dense.weight.copy_(self.weight)
+            if self.bias is not None:
+                dense.bias.copy_(self.bias)
+        return dense.to(self.weight.device)
+
+
+# -- the choice -------------------------------------------------------------------------------
+
+
+def kernel_dtype(precision: PrecisionPolicy | None) -> torch.dtype:
+    """The dtype a run's layers compute in: its autocast dtype (fp16/bf16), else fp32."""
+    return {"fp16": torch.float16, "bf16": torch.bfloat16}.get(precision.used if precision is not None else "fp32", torch.float32)
+
+
+def kernel_candidates(layer: nn.Module, device: torch.device, dtype: torch.dtype) -> dict[str, Callable[[], nn.Module]]:
+    """The sparse kernels a layer may run on `device` with `dtype` activations: CSR always (a
+    Linear or 1x1 convolution); on CUDA, a 2:4-patterned Linear layer also gets torch's
+    semi-structured kernels that take `dtype`."""
+    candidates: dict[str, Callable[[], nn.Module]] = {"csr": lambda: sparse_kernel(layer)}
+    if device.type == "cuda" and isinstance(layer, nn.Linear) and is_two_four(layer.weight):
+        for kernel, (_, dtypes) in SEMI_STRUCTURED.items():
+            if dtype in dtypes:
+                candidates[kernel] = lambda kernel=kernel: SemiStructuredLinear(layer, kernel, dtype)
+    return candidates
+
+
 @dataclass
 class KernelChoice:
-    """One layer's measurement: dense and CSR milliseconds on its real input, and the pick."""
+    """One layer's measurement: milliseconds per kernel on its real input ("dense" first), the
+    kernels that could not run here and why, and the pick: the fastest, kept when it is at
+    least `MIN_SPEEDUP` faster than dense."""
 
     layer: str
     sparsity: float
-    dense_ms: float
-    sparse_ms: float
+    times: dict[str, float]
+    failed: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def kernel(self) -> str:
+        sparse = {kernel: ms for kernel, ms in self.times.items() if kernel != "dense"}
+        if not sparse:
+            return "dense"
+        fastest = min(sparse, key=sparse.__getitem__)
+        return fastest if self.times["dense"] >= MIN_SPEEDUP * sparse[fastest] else "dense"
 
     @property
     def sparse(self) -> bool:
-        return self.dense_ms >= MIN_SPEEDUP * self.sparse_ms
+        return self.kernel != "dense"
 
     def describe(self) -> str:
-        return f"{self.layer} ({self.sparsity:.0%} zeros) dense {self.dense_ms:.3f} ms, csr {self.sparse_ms:.3f} ms -> {'csr' if self.sparse else 'dense'}"
+        measured = [f"{kernel} {ms:.3f} ms" for kernel, ms in self.times.items()] + [f"{kernel} failed ({why})" for kernel, why in self.failed.items()]
+        return f"{self.layer} ({self.sparsity:.0%} zeros) {', '.join(measured)} -> {self.kernel}"
 
 
-def choose_kernels(model: nn.Module, example: Any, names: list[str], rounds: int, passes: int, warmup: int) -> list[KernelChoice]:
-    """Time every named layer (Linear or 1x1 convolution) dense and as CSR on its real input, interleaved."""
+def choose_kernels(model: nn.Module, example: Any, names: list[str], rounds: int, passes: int, warmup: int,
+                   precision: PrecisionPolicy | None = None) -> list[KernelChoice]:
+    """Time every named layer (Linear or 1x1 convolution) dense and with each of its candidate
+    kernels on its real input, interleaved, under the run's precision (autocast) on its device.
+    A kernel that fails to build or run here is left out, with the reason."""
+    device = next(model.parameters()).device
+    autocast = precision.autocast if precision is not None else contextlib.nullcontext
+    dtype = kernel_dtype(precision)
     inputs = layer_inputs(model, example, names)
     modules = dict(model.named_modules())
     choices = []
@@ -213,16 +330,29 @@ def choose_kernels(model: nn.Module, example: Any, names: list[str], rounds: int
         if name not in inputs:  # not on the forward path of this input
             continue
         layer, x = modules[name], inputs[name]
-        sparse = sparse_kernel(layer)
-        with torch.no_grad():
-            times = interleaved({"dense": lambda: layer(x), "csr": lambda: sparse(x)}, rounds, passes, warmup)
-        choices.append(KernelChoice(name, layer_sparsity(layer), times["dense"], times["csr"]))
+        runners, failed = {"dense": layer}, {}
+        for kernel, make in kernel_candidates(layer, device, dtype).items():
+            try:
+                runner = make()
+                with torch.no_grad(), autocast():
+                    runner(x)
+            except (RuntimeError, NotImplementedError, ValueError, TypeError) as error:  # e.g. a GPU without 2:4 kernels, a shape they refuse
+                failed[kernel] = " ".join(str(error).split())[:160] or type(error).__name__
+                continue
+            runners[kernel] = runner
+        with torch.no_grad(), autocast():
+            times = interleaved({kernel: (lambda runner=runner: runner(x)) for kernel, runner in runners.items()}, rounds, passes, warmup, synchronizer(device))
+        choices.append(KernelChoice(name, layer_sparsity(layer), times, failed))
     return choices
 
 
-def apply_kernels(model: nn.Module, names: list[str]) -> nn.Module:
-    """Replace the named Linear and 1x1 convolution layers by their CSR twins, in place."""
-    return replace_layers(model, names, sparse_kernel)
+def apply_kernels(model: nn.Module, kernels: dict[str, str] | list[str], dtype: torch.dtype = torch.float32) -> nn.Module:
+    """Replace the named layers by their sparse twins, in place: `kernels` maps a layer to the
+    kernel chosen for it ('csr' or a `SEMI_STRUCTURED` one); a list means CSR for each."""
+    chosen = dict.fromkeys(kernels, "csr") if isinstance(kernels, list) else kernels
+    for name, kernel in chosen.items():
+        replace_layers(model, [name], sparse_kernel if kernel == "csr" else (lambda layer, kernel=kernel: SemiStructuredLinear(layer, kernel, dtype)))
+    return model
 
 
 def _placeholder(old: nn.Module, nonzero: int) -> SparseLinear:
@@ -232,11 +362,14 @@ def _placeholder(old: nn.Module, nonzero: int) -> SparseLinear:
 
 
 def restore_kernels(model: nn.Module, saved: dict[str, tuple[int, ...]]) -> nn.Module:
-    """Give `model` the CSR layers a saved state has (from its tensor shapes)."""
+    """Give `model` the sparse-kernel layers a saved state has (from its tensor names and shapes):
+    CSR layers, and 2:4 layers (their kernel and dtype come with the loaded state)."""
     modules = dict(model.named_modules())
     layers = {key[: -len(".col_indices")]: shape[0] for key, shape in saved.items() if key.endswith(".col_indices")}
     for name, nonzero in layers.items():
         layer = modules.get(name)
         if isinstance(layer, CSR_TYPES) and csr_unsupported(layer) is None:
             replace_layers(model, [name], lambda old, nonzero=nonzero: _placeholder(old, nonzero))
+    two_four = [key[: -len(".semi_structured")] for key in saved if key.endswith(".semi_structured")]
+    replace_layers(model, [name for name in two_four if isinstance(modules.get(name), nn.Linear)], SemiStructuredLinear)
     return model

@@ -1,6 +1,6 @@
-"""`sparsify`: run a pruned model's sparse Linear and 1x1 convolution layers through CSR kernels
-where that is measured faster (`effitrain.prune.kernels`); the ledger row says what each layer
-measured."""
+"""`sparsify`: run a pruned model's sparse Linear and 1x1 convolution layers through sparse
+kernels (CSR; on CUDA also 2:4 semi-structured for 2:4-pruned Linear layers) where that is
+measured faster (`effitrain.prune.kernels`); the ledger row says what each layer measured."""
 
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ from torch import nn
 from effitrain.checkpoint import load_weights, saved_shapes
 from effitrain.errors import ConfigError, require
 from effitrain.layers import select_layers
-from effitrain.prune.kernels import CSR_TYPES, apply_kernels, choose_kernels, csr_unsupported, layer_sparsity, restore_kernels
+from effitrain.prune.kernels import CSR_TYPES, apply_kernels, choose_kernels, csr_unsupported, kernel_dtype, layer_sparsity, restore_kernels
 from effitrain.stages.base import Context, FromSource, Prepared, StageResult
 
 log = logging.getLogger("effitrain")
@@ -30,9 +30,11 @@ class PreparedSparsify(Prepared):
 
 @dataclass
 class Sparsify(FromSource):
-    """Per Linear or 1x1 convolution layer with at least `min_sparsity` zeros: dense vs CSR, timed
-    on the layer's real input (the run's measurement batch), interleaved; CSR kept where >= 5%
-    faster. Other convolutions stay dense (the ledger counts them).
+    """Per Linear or 1x1 convolution layer with at least `min_sparsity` zeros: dense vs each sparse
+    kernel that runs here (CSR; on CUDA, torch's 2:4 kernels for a 2:4-patterned Linear layer),
+    timed on the layer's real input (the run's measurement batch) under the run's precision,
+    interleaved; the fastest kept where it is >= 5% faster than dense. Other convolutions stay
+    dense (the ledger counts them).
 
     Fields:
         min_sparsity: layers with fewer zeros are not tried (CSR loses well before that).
@@ -49,15 +51,6 @@ class Sparsify(FromSource):
     def __post_init__(self) -> None:
         require(0 <= self.min_sparsity < 1, "min_sparsity", self.min_sparsity, "a number in [0, 1)")
         require(self.passes >= 1, "passes", self.passes, "an integer >= 1")
-
-    def check(self, cfg: DictConfig, name: str) -> None:
-        super().check(cfg, name)
-        from effitrain.precision import resolve_device
-
-        device = resolve_device(str(cfg.device))
-        if device.type != "cpu":
-            raise ConfigError(f"stage.{name}: sparse kernels are measured on the CPU only in this version; the run is on {device} "
-                              "(CUDA 2:4 semi-structured sparsity is not built yet; allowed: device=cpu, or leave the stage out)")
 
     def layers(self, model: nn.Module, where: str) -> tuple[list[str], list[str]]:
         """(the Linear and convolution layers not skipped, those of them with a CSR kernel)."""
@@ -80,15 +73,16 @@ class Sparsify(FromSource):
         sparse_enough = [layer for layer in candidates if layer_sparsity(model.get_submodule(layer)) >= self.min_sparsity]
         kinds = "Linear" if all(isinstance(model.get_submodule(layer), nn.Linear) for layer in candidates) else "Linear/1x1 conv"
         measure = ctx.cfg.measure
-        choices = choose_kernels(model, prepared.example, sparse_enough, int(measure.rounds), self.passes, int(measure.warmup))
+        choices = choose_kernels(model, prepared.example, sparse_enough, int(measure.rounds), self.passes, int(measure.warmup), ctx.precision)
         for choice in choices:
             log.info("[%s] %s", name, choice.describe())
-        chosen = [choice.layer for choice in choices if choice.sparse]
-        apply_kernels(model, chosen)
+        chosen = {choice.layer: choice.kernel for choice in choices if choice.sparse}
+        apply_kernels(model, chosen, kernel_dtype(ctx.precision))
         notes = [f"{len(candidates) - len(sparse_enough)} under {self.min_sparsity:.0%} zeros not tried"] if len(sparse_enough) < len(candidates) else []
         if len(candidates) < len(layers):
             notes.append(f"{len(layers) - len(candidates)} other convolutions have no CSR kernel")
-        summary = f"csr in {len(chosen)} of {len(candidates)} {kinds} layers" + (f" ({'; '.join(notes)})" if notes else "")
+        picked = ", ".join(f"{kernel} in {sum(k == kernel for k in chosen.values())}" for kernel in dict.fromkeys(chosen.values())) or "csr in 0"
+        summary = f"{picked} of {len(candidates)} {kinds} layers" + (f" ({'; '.join(notes)})" if notes else "")
         return StageResult(model, {"kernels": summary, "kernel_choices": [choice.describe() for choice in choices]})
 
     def load_model(self, prepared: PreparedSparsify, path: Path) -> nn.Module:  # type: ignore[override]
