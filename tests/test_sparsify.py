@@ -4,6 +4,7 @@ runs from a recipe."""
 
 from __future__ import annotations
 
+import copy
 import json
 
 import pytest
@@ -149,6 +150,10 @@ def test_two_four_layer_off_cuda_is_the_dense_layer_and_reloads_with_its_kernel(
     load_weights(fresh, tmp_path / "m.safetensors")
     assert isinstance(fresh[0], SemiStructuredLinear) and (fresh[0].kernel, fresh[0].dtype) == ("2:4 cusparselt", torch.bfloat16)
     assert torch.equal(fresh.eval()(inputs), expected) and torch.equal(fresh[0].dense_layer().weight, model[0].weight)
+    model[0]._packed = (("2:4 cusparselt",), torch.ones(1))  # stands for the CUDA-packed weight
+    assert copy.deepcopy(model)[0]._packed is None and model[0]._packed is not None  # copies repack from the weight
+    model.load_state_dict(model.state_dict())
+    assert model[0]._packed is None  # a load drops the packing of the old weight
 
 
 @pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.get_device_capability() < (8, 0), reason="2:4 kernels need a CUDA GPU from Ampere on")

@@ -227,7 +227,16 @@ class SemiStructuredLinear(nn.Module):
         code = torch.tensor([list(SEMI_STRUCTURED).index(kernel), _DTYPE_CODES[dtype]], dtype=torch.int8, device=layer.weight.device)
         self.register_buffer("semi_structured", code)
         self._packed: tuple[tuple, Tensor] | None = None
-        self.register_load_state_dict_post_hook(lambda module, keys: setattr(module, "_packed", None))
+        self.register_load_state_dict_post_hook(SemiStructuredLinear._forget_packed)
+
+    @staticmethod
+    def _forget_packed(module: nn.Module, keys: Any) -> None:
+        module._packed = None  # the loaded weight is packed again at the next CUDA forward
+
+    def __getstate__(self) -> dict[str, Any]:
+        """Copies (deepcopy, pickle) leave the packed weight behind: it is rebuilt from `weight`."""
+        state = super().__getstate__()
+        return {**state, "_packed": None}
 
     @property
     def kernel(self) -> str:
@@ -252,7 +261,8 @@ class SemiStructuredLinear(nn.Module):
             return nn.functional.linear(inputs, self.weight, self.bias)
         rows = inputs.reshape(-1, self.in_features).to(self.dtype).contiguous()
         bias = self.bias.to(self.dtype) if self.bias is not None else None
-        out = nn.functional.linear(rows, self.packed(), bias)
+        with torch.autocast("cuda", enabled=False):  # already in the kernel's dtype; the packed weight is no autocast operand
+            out = nn.functional.linear(rows, self.packed(), bias)
         return out.reshape(*inputs.shape[:-1], self.out_features).to(inputs.dtype)
 
     def extra_repr(self) -> str:
