@@ -47,6 +47,17 @@ def save_compressed(model: nn.Module, path: Path, only_if_smaller: bool = False)
     return target
 
 
+def compresses(model: nn.Module) -> bool:
+    """Whether `save_compressed(model, ..., only_if_smaller=True)` would write a file: the model
+    has sparse or shared weights the format holds (nothing is written)."""
+    from effitrain.compress import storage
+
+    try:
+        return storage.pack(_unshare(model.state_dict())).worth_it
+    except storage.StorageError:
+        return False
+
+
 def load_weights(model: nn.Module, path: Path) -> nn.Module:
     """Load weights saved by `save_weights` (safetensors) or `save_compressed` into `model` (strict)."""
     state = _read_weights(Path(path))

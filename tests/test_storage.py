@@ -57,6 +57,31 @@ def test_file_size_shrinks_with_sparsity(tmp_path) -> None:
     assert storage.pack({"w": weight}).worth_it
 
 
+def test_offset_packed_integer_zeros_are_masked_like_float_zeros(tmp_path) -> None:
+    """weight_only packs an int8 level q as the byte q + 128: a pruned weight is 128, not 0."""
+    torch.manual_seed(0)
+    levels = torch.randint(-127, 128, (128, 128), dtype=torch.int16)
+    levels[torch.rand(128, 128) < 0.9] = 0
+    state = {"packed": (levels + 128).to(torch.uint8), "shifted": (levels - 3).to(torch.int8), "wide": levels + 1000, "plain": levels.to(torch.int8)}
+    storage.write(state, tmp_path / "m.dcz")
+    back = storage.read(tmp_path / "m.dcz")
+    assert all(torch.equal(back[name], tensor) for name, tensor in state.items())
+    assert (tmp_path / "m.dcz").read_bytes()[4] == 2  # the background column
+    alone = {name: storage.pack({name: tensor}) for name, tensor in state.items()}
+    assert all(packed.worth_it for packed in alone.values())
+    assert abs(len(alone["packed"].body) - len(alone["plain"].body)) <= 8  # as small as the same zeros stored as 0
+    # what the stages go by: a pruned layer quantized weight_only has something to compress
+    from effitrain.checkpoint import compresses
+    from effitrain.quant.weight_only import QuantizedWeight
+
+    layer = nn.Linear(256, 128)
+    with torch.no_grad():
+        layer.weight[torch.rand(128, 256) < 0.9] = 0
+    assert compresses(QuantizedWeight(layer, 8, "symmetric", True)) and not compresses(QuantizedWeight(nn.Linear(256, 128), 8, "symmetric", True))
+    storage.write({"w": levels.float()}, tmp_path / "f.dcz")
+    assert (tmp_path / "f.dcz").read_bytes()[4] == 1  # no background: the version 1 bytes, readable by older effitrain
+
+
 def test_damaged_files_fail_with_one_line(tmp_path) -> None:
     path = tmp_path / "m.dcz"
     weight = torch.randn(64, 64)
@@ -140,10 +165,30 @@ def test_prune_and_cluster_store_compressed_and_reload_bit_for_bit(workdir) -> N
     assert not (workdir / "c.pt").exists()
 
 
+def test_a_pruned_model_quantized_weight_only_stores_compressed_and_reloads_bit_for_bit(workdir) -> None:
+    common = ["run", "recipe=prune_gradual_digits", *TINY, "stage.dense.trainer.max_epochs=1", "stage.pruned.trainer.max_epochs=1",
+              "+stage@stage.int8=quantize", "stage.int8.backend=weight_only", "measure.final_retime=false", "report=false"]
+    runs = {storage_kind: workdir / storage_kind for storage_kind in ("auto", "plain")}
+    for storage_kind, folder in runs.items():
+        result = run_cli(*common, f"stage.int8.storage={storage_kind}", f"hydra.run.dir={folder.name}", cwd=workdir, timeout=300)
+        assert result.returncode == 0, result.stderr[-2000:]
+    sizes = {kind: {row["name"]: row["metrics"]["size_bytes"] for row in read_summary(folder)["stages"]} for kind, folder in runs.items()}
+    assert (runs["auto"] / "checkpoints" / "02_int8.dcz").stat().st_size == sizes["auto"]["int8"]
+    assert sizes["auto"]["int8"] < 0.6 * sizes["plain"]["int8"]  # the 90% pruned zeros, skipped in their packed form too
+    compressed, plain = _fresh_logits(*[(folder, "int8", workdir / f"{kind}.pt") for kind, folder in runs.items()])
+    assert torch.equal(compressed, plain)
+
+
 BAD_STORAGE = [
     ("stage.pruned.storage=zip", "stage.pruned.storage = 'zip' is not allowed (allowed: auto, compressed, plain)"),
     ("stage.pruned.sparsity=0", "stage.pruned.storage = 'compressed' is not allowed (allowed: auto, plain (sparsity 0 prunes nothing: nothing sparse to store))"),
 ]
+
+
+def test_quantizing_a_dense_model_into_compressed_storage_is_refused_before_the_run(workdir) -> None:
+    folder, result = run_cli_batch([["run", "recipe=baseline", *TINY, "+stage@stage.small=quantize", "stage.small.storage=compressed"]], workdir)[0]
+    assert_refused(result, "stage.small.storage = 'compressed': the SmallCNN this stage quantizes has no sparse or shared weights the format can hold, "
+                           "and no stage before it makes any (allowed: auto, plain, or a prune or cluster stage first)", folder)
 
 
 @pytest.mark.parametrize("override,message", BAD_STORAGE, ids=[case[0] for case in BAD_STORAGE])

@@ -7,6 +7,9 @@ Each tensor of the state dict is stored in the smallest of three encodings:
   values;
 - `sparse` + `shared`: the bitmask and, for the non-zero values, a codebook of the distinct
   values with one 4-bit (<= 16 values) or 8-bit (<= 256) index per value.
+For integer tensors "zero" is the tensor's background: its most common value when that is more
+common than 0. Packed integer weights store a pruned zero as an offset level (int8 0 is uint8 128
+in `weight_only`'s packing), and the mask skips those as it skips float zeros.
 Effitrain's clustered layers already hold a codebook and packed indices, which the `sparse`
 encoding then stores without their zero bytes. Multi-byte values are stored byte plane by byte
 plane (all first bytes, then all second bytes, ...: exponents sit together). The JSON header
@@ -16,7 +19,8 @@ indices, and 9% under zstd level 19 (measured: 14.7 KB vs 16.2 KB), so the stdli
 
 File: b"EFDC" magic, format version (1 byte), header length (8 bytes little-endian), then the
 LZMA2 stream of header + payload. The header holds a row per tensor (name, dtype, shape,
-encoding, its parts' lengths in payload order, non-zero count, index bits) and the payload's
+encoding, its parts' lengths in payload order, non-zero count, index bits, and in version 2,
+written only when some tensor has one, its background value) and the payload's
 CRC-32 (what zip, gzip and xz check integrity with). A damaged or truncated file fails `read` with one
 line saying what is wrong.
 """
@@ -39,7 +43,8 @@ from effitrain.errors import EffitrainError
 from effitrain.runfiles import atomic_write
 
 MAGIC = b"EFDC"
-VERSION = 1
+VERSION = 2  # 2 added the background column; a file without backgrounds is still written as 1
+READS = (1, 2)
 SUFFIX = ".dcz"
 FILTERS = [{"id": lzma.FILTER_LZMA2, "preset": 9 | lzma.PRESET_EXTREME, "lc": 0, "lp": 0, "pb": 0}]  # no literal context: measured best here
 PARTS = {"raw": ("data",), "sparse": ("mask", "values"), "shared": ("mask", "codebook", "indices")}  # payload order
@@ -89,19 +94,34 @@ def encode(flat: np.ndarray) -> tuple[str, dict[str, bytes], dict[str, Any]]:
     best: tuple[str, dict[str, bytes], dict[str, Any]] = ("raw", {"data": raw}, {})
     if flat.dtype == np.bool_ or flat.size == 0:
         return best
-    nonzero = flat != 0
+    background = _background(flat)
+    nonzero = flat != background
     values = flat[nonzero]
     mask = np.packbits(nonzero).tobytes()
     if len(mask) + values.nbytes < len(raw):
-        best = ("sparse", {"mask": mask, "values": _planes(values)}, {"nonzero": int(values.size)})
+        best = ("sparse", {"mask": mask, "values": _planes(values)}, {"nonzero": int(values.size), "background": background})
     distinct = np.unique(values) if len(np.unique(values[:4096])) <= 256 else values[:0]  # a sample says whether sorting all is worth it
     if 0 < len(distinct) <= 256:
         bits = 4 if len(distinct) <= 16 else 8
         indices = np.searchsorted(distinct, values)
         parts = {"mask": mask, "codebook": distinct.tobytes(), "indices": _pack_indices(indices, bits)}
         if sum(map(len, parts.values())) < sum(map(len, best[1].values())):
-            best = ("shared", parts, {"nonzero": int(values.size), "bits": bits, "codebook": int(len(distinct))})
+            best = ("shared", parts, {"nonzero": int(values.size), "bits": bits, "codebook": int(len(distinct)), "background": background})
     return best
+
+
+def _background(flat: np.ndarray) -> int:
+    """The value the mask leaves out: 0, or for an integer tensor its most common value when
+    that is more common than 0 (an offset-packed zero)."""
+    if flat.dtype.kind not in "iu" or flat.dtype.itemsize > 2:
+        return 0
+    if flat.dtype.itemsize == 1:  # a byte histogram: 0 is byte 0 for int8 and uint8 alike
+        counts = np.bincount(flat.view(np.uint8), minlength=256)
+        top = int(counts.argmax())
+        return int(np.array([top], dtype=np.uint8).view(flat.dtype)[0]) if counts[top] > counts[0] else 0
+    values, counts = np.unique(flat, return_counts=True)
+    zeros = counts[values == 0].sum()
+    return int(values[counts.argmax()]) if counts.max() > zeros else 0
 
 
 def decode(encoding: str, parts: dict[str, bytes], dtype: np.dtype, count: int, facts: dict[str, Any]) -> np.ndarray:
@@ -117,7 +137,7 @@ def decode(encoding: str, parts: dict[str, bytes], dtype: np.dtype, count: int, 
         raise StorageError(f"unknown encoding {encoding!r}")
     if int(mask.sum()) != len(values):
         raise StorageError("a sparse tensor's mask and values disagree")
-    flat = np.zeros(count, dtype=dtype)
+    flat = np.full(count, facts.get("background", 0), dtype=dtype)
     flat[mask] = values
     return flat
 
@@ -152,7 +172,8 @@ def pack(state: dict[str, torch.Tensor]) -> Packed:
         counts[encoding] = counts.get(encoding, 0) + sum(map(len, parts.values()))
         # compact rows (the header is part of the file's size): name, dtype, shape, encoding, part lengths, facts
         entries.append([name, str(tensor.dtype).removeprefix("torch."), list(tensor.shape), encoding,
-                        [len(parts[key]) for key in PARTS[encoding]], facts.get("nonzero", 0), facts.get("bits", 0)])
+                        [len(parts[key]) for key in PARTS[encoding]], facts.get("nonzero", 0), facts.get("bits", 0)]
+                       + ([facts["background"]] if facts.get("background", 0) else []))
     return Packed(entries, payload.getvalue(), raw, counts)
 
 
@@ -164,7 +185,8 @@ def write(state: dict[str, torch.Tensor] | Packed, path: Path, metadata: dict[st
     header = json.dumps({"tensors": packed.entries, "crc32": zlib.crc32(body), "size": len(body),
                          **({"metadata": metadata} if metadata else {})}, separators=(",", ":")).encode()
     stream = lzma.compress(header + body, format=lzma.FORMAT_RAW, filters=FILTERS)
-    blob = MAGIC + bytes([VERSION]) + struct.pack("<Q", len(header)) + stream
+    version = VERSION if any(len(row) > 7 for row in packed.entries) else 1  # byte for byte what version 1 wrote, when it can be
+    blob = MAGIC + bytes([version]) + struct.pack("<Q", len(header)) + stream
     atomic_write(path, lambda temporary: Path(temporary).write_bytes(blob))
     return packed.counts
 
@@ -174,8 +196,8 @@ def _open(path: Path) -> tuple[dict[str, Any], bytes]:
     blob = Path(path).read_bytes()
     if blob[:4] != MAGIC:
         raise StorageError(f"{path}: not an effitrain compressed model file (no EFDC magic)")
-    if len(blob) < 13 or blob[4] != VERSION:
-        raise StorageError(f"{path}: unsupported format version {blob[4] if len(blob) > 4 else '?'} (this effitrain reads {VERSION})")
+    if len(blob) < 13 or blob[4] not in READS:
+        raise StorageError(f"{path}: unsupported format version {blob[4] if len(blob) > 4 else '?'} (this effitrain reads {', '.join(map(str, READS))})")
     (length,) = struct.unpack("<Q", blob[5:13])
     try:
         data = lzma.decompress(blob[13:], format=lzma.FORMAT_RAW, filters=FILTERS)
@@ -198,11 +220,11 @@ def read(path: Path) -> dict[str, torch.Tensor]:
     state = {}
     offset = 0
     try:
-        rows = [(str(name), str(dtype_name), list(shape), str(encoding), list(lengths), int(nonzero), int(bits))
-                for name, dtype_name, shape, encoding, lengths, nonzero, bits in header["tensors"]]
+        rows = [(str(name), str(dtype_name), list(shape), str(encoding), list(lengths), int(nonzero), int(bits), int(background[0]) if background else 0)
+                for name, dtype_name, shape, encoding, lengths, nonzero, bits, *background in header["tensors"]]
     except (ValueError, TypeError, KeyError) as error:
         raise StorageError(f"{path}: damaged header ({type(error).__name__}: {error})") from None
-    for name, dtype_name, shape, encoding, lengths, nonzero, bits in rows:
+    for name, dtype_name, shape, encoding, lengths, nonzero, bits, background in rows:
         dtype = getattr(torch, dtype_name, None)
         if dtype not in _DTYPES:
             raise StorageError(f"{path}: damaged header (tensor {name} has dtype {dtype_name!r})")
@@ -212,7 +234,7 @@ def read(path: Path) -> dict[str, torch.Tensor]:
         for key, size in zip(PARTS.get(encoding, ()), lengths):
             parts[key], offset = body[offset:offset + size], offset + size
         try:
-            flat = decode(encoding, parts, numpy_dtype, count, {"nonzero": nonzero, "bits": bits})
+            flat = decode(encoding, parts, numpy_dtype, count, {"nonzero": nonzero, "bits": bits, "background": background})
         except (ValueError, KeyError) as error:
             raise StorageError(f"{path}: damaged tensor {name} ({type(error).__name__}: {error})") from None
         tensor = torch.from_numpy(flat.view(np.int16) if dtype == torch.bfloat16 else flat)

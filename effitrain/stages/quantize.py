@@ -15,9 +15,10 @@ from typing import Any, Callable, List, Optional
 
 import torch
 
-from omegaconf import MISSING
+from omegaconf import MISSING, DictConfig
 from torch import nn
 
+from effitrain.checkpoint import compresses
 from effitrain.errors import ConfigError, not_allowed, require, require_choice
 from effitrain.layers import replace_layers, select_layers
 from effitrain.quant import backends, choose
@@ -151,6 +152,14 @@ class Quantize(Stored, QuantSettings, FromSource):
         if self.backend != backends.AUTO and backends.get(self.backend).calibrated:
             require(self.calibration_batches >= 1, "calibration_batches", self.calibration_batches, "an integer >= 1: observers need data")
 
+    def check_model(self, model: nn.Module, cfg: DictConfig, name: str) -> None:
+        """`storage: compressed` on a dense model is refused before the run: the stages before
+        this one (train, evaluate, pretrain: those that keep the model's layers) make no zeros or
+        shared weights, and quantizing does not either."""
+        if self.storage == "compressed" and self.source is None and not compresses(model):
+            raise ConfigError(f"stage.{name}.storage = 'compressed': the {type(model).__name__} this stage quantizes has no sparse or shared "
+                              "weights the format can hold, and no stage before it makes any (allowed: auto, plain, or a prune or cluster stage first)")
+
     def run(self, name: str, prepared: PreparedQuant, ctx: Context) -> StageResult:  # type: ignore[override]
         where = f"stage.{name}"
         if sum(p.numel() for p in prepared.model.parameters()) == 0:
@@ -171,13 +180,21 @@ class Quantize(Stored, QuantSettings, FromSource):
 
         model, spec, headline = prepared.model, self.spec(), ctx.task.headline
         layers = select_layers(model, self.skip, f"stage.{name}.skip", QUANTIZABLE, "quantize")
-        trials, converted = choose.candidates(model, layers, ctx.device, spec, traceable=True), {}
+        trials, converted, unstorable = choose.candidates(model, layers, ctx.device, spec, traceable=True), {}, []
         with tempfile.TemporaryDirectory() as scratch, torch.random.fork_rng(devices=[]):
             for trial in list(trials):
                 try:
                     candidate = backends.convert(copy.deepcopy(model), trial.steps, spec, Calibration(prepared.example, calibration_inputs()))
                 except ConfigError as error:  # a whole-model backend that cannot trace this model
                     log.info("[%s] auto: %s left out (%s)", name, trial.name, error)
+                    trials.remove(trial)
+                    continue
+                if self.storage == "compressed" and not (self.compressible(candidate) and compresses(candidate)):
+                    if trial is trials[0]:  # the unquantized model, handed in dense
+                        raise ConfigError(f"stage.{name}.storage = 'compressed': the {type(model).__name__} this stage quantizes has no sparse "
+                                          "or shared weights the format can hold (allowed: auto, plain)")
+                    log.info("[%s] auto: %s left out (storage = 'compressed' cannot hold it)", name, trial.name)
+                    unstorable.append(trial.name)
                     trials.remove(trial)
                     continue
                 trial.metric = ctx.task.evaluate(candidate, ctx.data.val, ctx.precision)[headline]
@@ -188,6 +205,8 @@ class Quantize(Stored, QuantSettings, FromSource):
             trial.latency_ms = latencies[trial.name]
         winner, reason = choose.choose(trials, ctx.task.metrics[headline], self.max_drop, self.prefer)
         description = choose.describe(trials, winner, reason, self.prefer)
+        if unstorable:
+            description = description[:-1] + f"; {', '.join(unstorable)} left out: storage 'compressed' cannot hold it)"
         log.info("[%s] %s", name, description)
         return StageResult(converted[winner.name], {"backend": description, "auto_choice": winner.name, "auto_trials": choose.summary(trials)})
 
