@@ -91,6 +91,7 @@ def replay(stages: dict[str, Stage], model: nn.Module, ctx: Context, run_dir: Pa
         The last stage's model.
     """
     completed = set(completed)
+    sources = {stage.source for stage in stages.values() if getattr(stage, "source", None)}  # `source:` names an earlier stage
     for index, (name, stage) in enumerate(stages.items()):
         if wait is not None and name not in completed and not stage.on_every_rank:
             wait(name)
@@ -107,7 +108,8 @@ def replay(stages: dict[str, Stage], model: nn.Module, ctx: Context, run_dir: Pa
         else:
             assert execute is not None, f"stage {name} has not completed"
             model = execute(index, name, stage, prepared, saved)
-        ctx.models[name] = model
+        # a stage a later one starts from is kept as it is now: the stages in between may change the model in place
+        ctx.models[name] = copy.deepcopy(model) if name in sources else model
         if keep is not None:
             keep(name, model)
         if name == upto:

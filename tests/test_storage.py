@@ -167,7 +167,9 @@ def test_prune_and_cluster_store_compressed_and_reload_bit_for_bit(workdir) -> N
 
 def test_a_pruned_model_quantized_weight_only_stores_compressed_and_reloads_bit_for_bit(workdir) -> None:
     common = ["run", "recipe=prune_gradual_digits", *TINY, "stage.dense.trainer.max_epochs=1", "stage.pruned.trainer.max_epochs=1",
-              "+stage@stage.int8=quantize", "stage.int8.backend=weight_only", "measure.final_retime=false", "report=false"]
+              "+stage@stage.int8=quantize", "stage.int8.backend=weight_only", "measure.final_retime=false", "report=false",
+              # from the pruned model as the prune stage left it, not as int8 then converted it in place
+              "+stage@stage.int4=quantize", "stage.int4.backend=weight_only", "stage.int4.bits=4", "stage.int4.source=pruned"]
     runs = {storage_kind: workdir / storage_kind for storage_kind in ("auto", "plain")}
     for storage_kind, folder in runs.items():
         result = run_cli(*common, f"stage.int8.storage={storage_kind}", f"hydra.run.dir={folder.name}", cwd=workdir, timeout=300)
@@ -175,6 +177,7 @@ def test_a_pruned_model_quantized_weight_only_stores_compressed_and_reloads_bit_
     sizes = {kind: {row["name"]: row["metrics"]["size_bytes"] for row in read_summary(folder)["stages"]} for kind, folder in runs.items()}
     assert (runs["auto"] / "checkpoints" / "02_int8.dcz").stat().st_size == sizes["auto"]["int8"]
     assert sizes["auto"]["int8"] < 0.6 * sizes["plain"]["int8"]  # the 90% pruned zeros, skipped in their packed form too
+    assert sizes["auto"]["int4"] < sizes["auto"]["int8"] and (runs["auto"] / "checkpoints" / "03_int4.dcz").is_file()
     compressed, plain = _fresh_logits(*[(folder, "int8", workdir / f"{kind}.pt") for kind, folder in runs.items()])
     assert torch.equal(compressed, plain)
 
