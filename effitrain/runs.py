@@ -92,6 +92,7 @@ def replay(stages: dict[str, Stage], model: nn.Module, ctx: Context, run_dir: Pa
     """
     completed = set(completed)
     sources = {stage.source for stage in stages.values() if getattr(stage, "source", None)}  # `source:` names an earlier stage
+    sources |= {str(teacher) for stage in stages.values() for teacher in getattr(stage, "teachers", None) or [] if str(teacher) in stages}
     for index, (name, stage) in enumerate(stages.items()):
         if wait is not None and name not in completed and not stage.on_every_rank:
             wait(name)
