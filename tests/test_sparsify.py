@@ -63,9 +63,9 @@ def test_csr_1x1_convolution_computes_the_dense_one(conv, inputs) -> None:
     torch.manual_seed(1)
     with torch.no_grad():
         conv.weight[torch.rand_like(conv.weight) < 0.8] = 0
-        sparse = SparseConv1x1(conv)
-        assert sparse.weight_counts() == (conv.weight.numel(), int((conv.weight != 0).sum()))
-        assert torch.allclose(sparse(inputs), conv(inputs), atol=1e-5) and sparse(inputs).shape == conv(inputs).shape
+        for sparse in (SparseConv1x1(conv), SparseConv1x1(conv, per_image=True)):  # both layouts
+            assert sparse.weight_counts() == (conv.weight.numel(), int((conv.weight != 0).sum()))
+            assert torch.allclose(sparse(inputs), conv(inputs), atol=1e-5) and sparse(inputs).shape == conv(inputs).shape
         assert torch.equal(sparse.dense_layer().weight, conv.weight)  # what ONNX export writes
 
 
@@ -81,12 +81,13 @@ def test_saved_csr_convolutions_are_rebuilt_from_the_file(tmp_path) -> None:
     model = sparse_convnet()
     inputs = torch.randn(2, 3, 8, 8)
     expected = model(inputs)
-    apply_kernels(model, ["2", "4"])
+    apply_kernels(model, {"2": "csr", "4": "csr per image"})
     assert torch.allclose(model(inputs), expected, atol=1e-5)
     save_weights(model, tmp_path / "m.safetensors")
     fresh = restore_kernels(sparse_convnet(), saved_shapes(tmp_path / "m.safetensors"))
     assert isinstance(fresh[2], SparseConv1x1) and fresh[4].stride == (2, 2) and isinstance(fresh[0], nn.Conv2d)
     load_weights(fresh, tmp_path / "m.safetensors")
+    assert not fresh[2].per_image and fresh[4].per_image  # the layout the run chose
     assert torch.equal(fresh(inputs), model(inputs))
 
 
@@ -131,6 +132,7 @@ def test_two_four_pattern_and_which_kernels_a_layer_gets() -> None:
     assert not kernels.is_two_four(nn.Linear(128, 64).weight) and not kernels.is_two_four(torch.zeros(4, 6))  # 6 is no multiple of 4
     cpu, cuda = torch.device("cpu"), torch.device("cuda")
     assert list(kernels.kernel_candidates(layer, cpu, torch.float32)) == ["csr"]  # 2:4 kernels are CUDA's
+    assert list(kernels.kernel_candidates(sparse_convnet()[2], cpu, torch.float32)) == ["csr", "csr per image"]  # a 1x1 conv's two layouts
     assert list(kernels.kernel_candidates(layer, cuda, torch.float16)) == ["csr", "2:4 cusparselt", "2:4 cutlass"]
     assert list(kernels.kernel_candidates(layer, cuda, torch.float32)) == ["csr", "2:4 cutlass"]  # cuSPARSELt takes no fp32
     assert list(kernels.kernel_candidates(sparse_mlp()[2], cuda, torch.float16)) == ["csr"]  # 90% random zeros are not 2:4
@@ -188,10 +190,10 @@ def test_sparsify_stage_after_pruning_through_the_cli(workdir) -> None:
     assert result.returncode == 0, result.stderr[-2000:]
     rows = {row["name"]: row["metrics"] for row in read_summary(workdir / "run")["stages"]}
     fast = rows["fast"]
-    assert fast["kernels"].startswith("csr in ") and "of 42 Linear/1x1 conv layers" in fast["kernels"], fast["kernels"]
+    assert fast["kernels"].startswith("csr") and "of 42 Linear/1x1 conv layers" in fast["kernels"], fast["kernels"]
     assert "12 other convolutions have no CSR kernel" in fast["kernels"]
     assert any(".block." in line for line in fast["kernel_choices"])  # 1x1 convolutions were timed (the Linear layers are classifier.*)
-    assert all(line.endswith(("-> csr", "-> dense")) for line in fast["kernel_choices"]) and fast["kernel_choices"]
+    assert all(line.endswith(("-> csr", "-> csr per image", "-> dense")) for line in fast["kernel_choices"]) and fast["kernel_choices"]
     assert fast["params"] == rows["pruned"]["params"] and fast["sparsity"] == pytest.approx(rows["pruned"]["sparsity"])
     assert fast["accuracy"] == pytest.approx(rows["pruned"]["accuracy"])
     exported = run_cli("export", "run:fast", "-o", "fast.onnx", cwd=workdir, timeout=300)

@@ -100,21 +100,27 @@ class SparseLinear(nn.Module):
 
 class SparseConv1x1(SparseLinear):
     """A 1x1 convolution (Conv1d or Conv2d, any stride, no padding, one group) with its weight
-    as a CSR (out x in) matrix: the input's pixels, batch after batch, are the columns of one
-    sparse times dense product.
+    as a CSR (out x in) matrix times the input's pixels, in one of two layouts (both measured by
+    `sparsify`, kernels 'csr' and 'csr per image'):
+    - columns: the pixels of the whole batch are the columns of one sparse times dense product
+      (the batch is transposed in and out: free for one image, a copy each way for more);
+    - per image: one product per image on its own pixels, written straight into the output
+      (no transposes; one call per image).
 
     Args:
         layer: the convolution (see `csr_unsupported` for which ones).
         nonzero: None to take `layer`'s weight; else an empty placeholder with this many
             non-zeros, the layout a saved state is loaded into.
+        per_image: the per-image layout (a buffer: saved with the layer).
     """
 
-    def __init__(self, layer: nn.Conv1d | nn.Conv2d, nonzero: int | None = None) -> None:
+    def __init__(self, layer: nn.Conv1d | nn.Conv2d, nonzero: int | None = None, per_image: bool = False) -> None:
         if nonzero is None:
             super().__init__(layer)
         else:
             super().__init__(None, nonzero, (layer.out_channels, layer.in_channels), layer.bias is not None)
         self.stride = tuple(int(step) for step in layer.stride)
+        self.register_buffer("per_image", torch.tensor(per_image, device=self.values.device))
 
     def forward(self, inputs: Tensor) -> Tensor:
         unbatched = inputs.dim() == len(self.stride) + 1
@@ -122,16 +128,24 @@ class SparseConv1x1(SparseLinear):
         if any(step > 1 for step in self.stride):  # a strided 1x1 convolution reads every step-th pixel
             x = x[(slice(None), slice(None)) + tuple(slice(None, None, step) for step in self.stride)]
         batch, channels, *pixels = x.shape
-        x = x.to(self.values.dtype)
-        columns = x.reshape(channels, -1) if batch == 1 else x.transpose(0, 1).reshape(channels, -1)
-        out = (self.matrix() @ columns).reshape(self.shape[0], batch, *pixels).transpose(0, 1)
+        x, matrix = x.to(self.values.dtype), self.matrix()
+        if batch == 1:
+            out = (matrix @ x.reshape(channels, -1)).unsqueeze(0)
+        elif bool(self.per_image):
+            out = x.new_empty(batch, self.shape[0], x[0, 0].numel())
+            for index in range(batch):
+                out[index] = matrix @ x[index].reshape(channels, -1)
+        else:
+            out = (matrix @ x.transpose(0, 1).reshape(channels, -1)).reshape(self.shape[0], batch, -1).transpose(0, 1)
+        out = out.reshape(batch, self.shape[0], *pixels)
         if self.bias is not None:
             out = out + self.bias.reshape(1, -1, *([1] * len(pixels)))
         out = out.contiguous().to(inputs.dtype)
         return out.squeeze(0) if unbatched else out
 
     def extra_repr(self) -> str:
-        return super().extra_repr().replace("in_features", "in_channels").replace("out_features", "out_channels") + f", stride={self.stride}"
+        return (super().extra_repr().replace("in_features", "in_channels").replace("out_features", "out_channels")
+                + f", stride={self.stride}" + (", per image" if bool(self.per_image) else ""))
 
     def dense_layer(self) -> nn.Module:
         conv = nn.Conv1d if len(self.stride) == 1 else nn.Conv2d
@@ -157,9 +171,10 @@ def csr_unsupported(layer: nn.Module) -> str | None:
     return None
 
 
-def sparse_kernel(layer: nn.Module) -> SparseLinear:
-    """The CSR twin of a Linear or 1x1 convolution layer."""
-    return SparseLinear(layer) if isinstance(layer, nn.Linear) else SparseConv1x1(layer)  # type: ignore[arg-type]
+def sparse_kernel(layer: nn.Module, kernel: str = "csr") -> SparseLinear:
+    """The CSR twin of a Linear or 1x1 convolution layer ('csr per image': a convolution's
+    per-image layout)."""
+    return SparseLinear(layer) if isinstance(layer, nn.Linear) else SparseConv1x1(layer, per_image=kernel == "csr per image")  # type: ignore[arg-type]
 
 
 def layer_sparsity(layer: nn.Module) -> float:
@@ -287,9 +302,11 @@ def kernel_dtype(precision: PrecisionPolicy | None) -> torch.dtype:
 
 def kernel_candidates(layer: nn.Module, device: torch.device, dtype: torch.dtype) -> dict[str, Callable[[], nn.Module]]:
     """The sparse kernels a layer may run on `device` with `dtype` activations: CSR always (a
-    Linear or 1x1 convolution); on CUDA, a 2:4-patterned Linear layer also gets torch's
+    Linear or 1x1 convolution; a convolution in both its layouts); on CUDA, a 2:4-patterned Linear layer also gets torch's
     semi-structured kernels that take `dtype`."""
     candidates: dict[str, Callable[[], nn.Module]] = {"csr": lambda: sparse_kernel(layer)}
+    if not isinstance(layer, nn.Linear):
+        candidates["csr per image"] = lambda: sparse_kernel(layer, "csr per image")
     if device.type == "cuda" and isinstance(layer, nn.Linear) and is_two_four(layer.weight):
         for kernel, (_, dtypes) in SEMI_STRUCTURED.items():
             if dtype in dtypes:
@@ -358,10 +375,12 @@ def choose_kernels(model: nn.Module, example: Any, names: list[str], rounds: int
 
 def apply_kernels(model: nn.Module, kernels: dict[str, str] | list[str], dtype: torch.dtype = torch.float32) -> nn.Module:
     """Replace the named layers by their sparse twins, in place: `kernels` maps a layer to the
-    kernel chosen for it ('csr' or a `SEMI_STRUCTURED` one); a list means CSR for each."""
+    kernel chosen for it ('csr', 'csr per image' or a `SEMI_STRUCTURED` one); a list means CSR
+    for each."""
     chosen = dict.fromkeys(kernels, "csr") if isinstance(kernels, list) else kernels
     for name, kernel in chosen.items():
-        replace_layers(model, [name], sparse_kernel if kernel == "csr" else (lambda layer, kernel=kernel: SemiStructuredLinear(layer, kernel, dtype)))
+        make = (lambda layer, kernel=kernel: SemiStructuredLinear(layer, kernel, dtype)) if kernel in SEMI_STRUCTURED else (lambda layer, kernel=kernel: sparse_kernel(layer, kernel))
+        replace_layers(model, [name], make)
     return model
 
 
