@@ -41,11 +41,16 @@ class PrecisionPolicy:
     scaler: torch.amp.GradScaler | None = field(default=None, repr=False)
     max_skipped_steps: int = 100
 
+    @property
+    def dtype(self) -> torch.dtype:
+        """The dtype layers compute in: the autocast dtype (fp16/bf16), else fp32."""
+        return _DTYPES.get(self.used, torch.float32)
+
     def autocast(self) -> ContextManager:
         """Context for the forward pass and loss: autocast for fp16/bf16, nothing for fp32."""
         if self.used == "fp32":
             return contextlib.nullcontext()
-        return torch.autocast(device_type=self.device.type, dtype=_DTYPES[self.used])
+        return torch.autocast(device_type=self.device.type, dtype=self.dtype)
 
     def as_dict(self) -> dict[str, str]:
         return {"requested": self.requested, "used": self.used, "why": self.why}

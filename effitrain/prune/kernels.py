@@ -87,15 +87,16 @@ class SparseLinear(nn.Module):
 
     def dense_layer(self) -> nn.Module:
         """The dense layer with the same values (for runtimes without sparse kernels, e.g. ONNX)."""
-        dense = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None)
-        return self._filled(dense)
+        return _filled(nn.Linear(self.in_features, self.out_features, bias=self.bias is not None), self.dense_weight(), self.bias)
 
-    def _filled(self, dense: nn.Module) -> nn.Module:
-        with torch.no_grad():
-            dense.weight.copy_(self.dense_weight().reshape(dense.weight.shape))
-            if self.bias is not None:
-                dense.bias.copy_(self.bias)
-        return dense.to(self.values.device)
+
+def _filled(dense: nn.Module, weight: Tensor, bias: Tensor | None) -> nn.Module:
+    """`dense` (a new Linear or Conv layer) holding `weight` (reshaped to its own) and `bias`, on their device."""
+    with torch.no_grad():
+        dense.weight.copy_(weight.reshape(dense.weight.shape))
+        if bias is not None:
+            dense.bias.copy_(bias)
+    return dense.to(weight.device)
 
 
 class SparseConv1x1(SparseLinear):
@@ -149,7 +150,7 @@ class SparseConv1x1(SparseLinear):
 
     def dense_layer(self) -> nn.Module:
         conv = nn.Conv1d if len(self.stride) == 1 else nn.Conv2d
-        return self._filled(conv(self.in_features, self.out_features, 1, stride=self.stride, bias=self.bias is not None))
+        return _filled(conv(self.in_features, self.out_features, 1, stride=self.stride, bias=self.bias is not None), self.dense_weight(), self.bias)
 
 
 CSR_TYPES = (nn.Linear, nn.Conv1d, nn.Conv2d)
@@ -284,20 +285,10 @@ class SemiStructuredLinear(nn.Module):
         return f"in_features={self.in_features}, out_features={self.out_features}, kernel={self.kernel}, dtype={self.dtype}"
 
     def dense_layer(self) -> nn.Module:
-        dense = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None)
-        with torch.no_grad():
-            dense.weight.copy_(self.weight)
-            if self.bias is not None:
-                dense.bias.copy_(self.bias)
-        return dense.to(self.weight.device)
+        return _filled(nn.Linear(self.in_features, self.out_features, bias=self.bias is not None), self.weight, self.bias)
 
 
 # -- the choice -------------------------------------------------------------------------------
-
-
-def kernel_dtype(precision: PrecisionPolicy | None) -> torch.dtype:
-    """The dtype a run's layers compute in: its autocast dtype (fp16/bf16), else fp32."""
-    return {"fp16": torch.float16, "bf16": torch.bfloat16}.get(precision.used if precision is not None else "fp32", torch.float32)
 
 
 def kernel_candidates(layer: nn.Module, device: torch.device, dtype: torch.dtype) -> dict[str, Callable[[], nn.Module]]:
@@ -349,7 +340,7 @@ def choose_kernels(model: nn.Module, example: Any, names: list[str], rounds: int
     A kernel that fails to build or run here is left out, with the reason."""
     device = next(model.parameters()).device
     autocast = precision.autocast if precision is not None else contextlib.nullcontext
-    dtype = kernel_dtype(precision)
+    dtype = precision.dtype if precision is not None else torch.float32
     inputs = layer_inputs(model, example, names)
     modules = dict(model.named_modules())
     choices = []

@@ -15,7 +15,7 @@ from torch import nn
 from effitrain.checkpoint import load_weights, saved_shapes
 from effitrain.errors import ConfigError, require
 from effitrain.layers import select_layers
-from effitrain.prune.kernels import CSR_TYPES, apply_kernels, choose_kernels, csr_unsupported, kernel_dtype, layer_sparsity, restore_kernels
+from effitrain.prune.kernels import CSR_TYPES, apply_kernels, choose_kernels, csr_unsupported, layer_sparsity, restore_kernels
 from effitrain.stages.base import Context, FromSource, Prepared, StageResult
 
 log = logging.getLogger("effitrain")
@@ -77,7 +77,7 @@ class Sparsify(FromSource):
         for choice in choices:
             log.info("[%s] %s", name, choice.describe())
         chosen = {choice.layer: choice.kernel for choice in choices if choice.sparse}
-        apply_kernels(model, chosen, kernel_dtype(ctx.precision))
+        apply_kernels(model, chosen, ctx.precision.dtype)
         notes = [f"{len(candidates) - len(sparse_enough)} under {self.min_sparsity:.0%} zeros not tried"] if len(sparse_enough) < len(candidates) else []
         if len(candidates) < len(layers):
             notes.append(f"{len(layers) - len(candidates)} other convolutions have no CSR kernel")
