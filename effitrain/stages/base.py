@@ -229,14 +229,14 @@ class Stored(Stage):
         super().__post_init__()
         require_choice("storage", self.storage, STORAGES)
 
-    def stored_bytes(self, model: nn.Module, path: Path) -> int:
-        """The size of the file `save_model` would write for `model`, written at `path` (a scratch
-        name): what a candidate of this stage is ranked by. Never refuses: `compressed` on a
-        model with nothing to compress is measured as the plain file it falls back to here."""
+    def store_candidate(self, model: nn.Module, path: Path) -> Path:
+        """Write `model` at `path` (a scratch name) as `save_model` would and return the file: a
+        candidate of this stage is ranked by its size. Never refuses: under `compressed`, a model
+        the format cannot hold is written plain (the caller sees it by the suffix)."""
         written = None
         if self.storage != "plain" and self.compressible(model):
             written = save_compressed(model, path, only_if_smaller=True)
-        return (written or self.save_plain(model, path)).stat().st_size
+        return written or self.save_plain(model, path)
 
     def save_model(self, model: nn.Module, path: Path) -> Path:
         if self.storage == "plain":

@@ -19,6 +19,7 @@ from omegaconf import MISSING, DictConfig
 from torch import nn
 
 from effitrain.checkpoint import compresses
+from effitrain.compress.storage import SUFFIX as COMPRESSED
 from effitrain.errors import ConfigError, not_allowed, require, require_choice
 from effitrain.layers import replace_layers, select_layers
 from effitrain.quant import backends, choose
@@ -189,7 +190,8 @@ class Quantize(Stored, QuantSettings, FromSource):
                     log.info("[%s] auto: %s left out (%s)", name, trial.name, error)
                     trials.remove(trial)
                     continue
-                if self.storage == "compressed" and not (self.compressible(candidate) and compresses(candidate)):
+                stored = self.store_candidate(candidate, Path(scratch) / f"{trial.name}.safetensors")  # as this stage saves it
+                if self.storage == "compressed" and stored.suffix != COMPRESSED:
                     if trial is trials[0]:  # the unquantized model, handed in dense
                         raise ConfigError(f"stage.{name}.storage = 'compressed': the {type(model).__name__} this stage quantizes has no sparse "
                                           "or shared weights the format can hold (allowed: auto, plain)")
@@ -197,8 +199,8 @@ class Quantize(Stored, QuantSettings, FromSource):
                     unstorable.append(trial.name)
                     trials.remove(trial)
                     continue
+                trial.size_bytes = stored.stat().st_size
                 trial.metric = ctx.task.evaluate(candidate, ctx.data.val, ctx.precision)[headline]
-                trial.size_bytes = self.stored_bytes(candidate, Path(scratch) / f"{trial.name}.safetensors")  # as this stage saves it
                 converted[trial.name] = candidate
         latencies = retime.retime(converted, ctx.example_batch(ctx.cfg.measure.batch_size), ctx.precision, ctx.cfg.measure)
         for trial in trials:
