@@ -25,6 +25,7 @@ import torch
 from torch import nn
 
 from effitrain.prune.kernels import MIN_SPEEDUP, SEMI_STRUCTURED, SemiStructuredLinear, sparse_kernel
+from effitrain.prune.masks import nm_masks
 from effitrain.retime import interleaved, synchronizer
 
 LINEARS = [(384, 384, "attention q/k/v/o"), (384, 1536, "FFN up"), (1536, 384, "FFN down")]
@@ -63,9 +64,8 @@ def two_four_on_cuda(args: argparse.Namespace) -> None:
     print(f"{'layer':28}{'dense ms':>10}" + "".join(f"{kernel:>16}{'x':>6}" for kernel in kernels))
     for in_features, out_features, title in LINEARS:
         layer = nn.Linear(in_features, out_features).to(device)
-        with torch.no_grad():
-            groups = layer.weight.reshape(out_features, -1, 4)
-            groups.scatter_(-1, groups.abs().argsort(-1)[..., :2], 0.0)  # keep the 2 largest of every 4
+        with torch.no_grad():  # the 2 largest of every 4, as `granularity: nm` prunes
+            layer.weight.mul_(nm_masks({"w": layer.weight.abs()}, 2, 4, "benchmark")["w"])
         inputs = torch.randn(args.rows, in_features, device=device, dtype=dtype)
         dense = nn.Linear(in_features, out_features).to(device, dtype)
         dense.load_state_dict(layer.state_dict())

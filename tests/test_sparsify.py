@@ -14,6 +14,7 @@ from torch import nn
 from effitrain.checkpoint import load_weights, save_weights, saved_shapes
 from effitrain.measure import count_parameters, sparsity
 from effitrain.prune import kernels
+from effitrain.prune.masks import nm_masks
 from effitrain.prune.kernels import (KernelChoice, SemiStructuredLinear, SparseConv1x1, SparseLinear, apply_kernels, choose_kernels, csr_unsupported,
                                      layer_sparsity, restore_kernels)
 
@@ -120,9 +121,7 @@ def two_four_linear(rows: int = 64, cols: int = 128) -> nn.Linear:
     torch.manual_seed(2)
     layer = nn.Linear(cols, rows)
     with torch.no_grad():
-        groups = layer.weight.reshape(rows, -1, 4)
-        smallest = groups.abs().argsort(-1)[..., :2]
-        groups.scatter_(-1, smallest, 0.0)
+        layer.weight.mul_(nm_masks({"w": layer.weight.abs()}, 2, 4, "test")["w"])  # what `granularity: nm` does
     return layer
 
 
